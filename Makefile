@@ -1,0 +1,50 @@
+# deploylab: `make lab` to learn, `make test` to check everything, `make course` to execute the lessons.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROFILE ?= workshop
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+PYTEST_NB := --nbval-lax --nbval-current-env --nbval-cell-timeout=600
+
+.PHONY: setup lab test test-unit test-notebooks course prepare report lock clean
+
+setup:
+	@bash scripts/setup.sh
+
+lab: setup
+	$(BIN)/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir=notebooks
+
+# Everything: unit tests, then every notebook under nbval, in the smoke profile.
+test: setup
+	DEPLOYLAB_PROFILE=smoke $(BIN)/python -m pytest -p no:cacheprovider -ra --durations=15 tests $(NOTEBOOKS) $(PYTEST_NB)
+
+test-unit: setup
+	DEPLOYLAB_PROFILE=smoke $(BIN)/python -m pytest -p no:cacheprovider -ra tests
+
+test-notebooks: setup
+	DEPLOYLAB_PROFILE=smoke $(BIN)/python -m pytest -p no:cacheprovider -ra --durations=15 $(NOTEBOOKS) $(PYTEST_NB)
+
+# Execute every notebook in PROFILE; on success the executed notebook replaces the one in
+# notebooks/ (these are the outputs committed for readers) and an HTML copy goes to build/.
+course: setup
+	@mkdir -p build/executed build/html
+	@set -e; for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb ($(PROFILE))"; \
+	  DEPLOYLAB_PROFILE=$(PROFILE) $(BIN)/jupyter nbconvert --to notebook --execute \
+	    --ExecutePreprocessor.timeout=3600 --output-dir build/executed "$$nb"; \
+	  cp "build/executed/$$(basename $$nb)" "$$nb"; \
+	  $(BIN)/jupyter nbconvert --to html --output-dir build/html "$$nb" >/dev/null 2>&1; \
+	done
+
+prepare: setup
+	$(BIN)/deploylab prepare --profile $(PROFILE)
+
+report: setup
+	$(BIN)/deploylab report --profile full
+
+# Regenerate requirements/lock.txt from the current environment (after changing base.txt).
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable --exclude deploylab | LC_ALL=C sort > requirements/lock.txt
+
+clean:
+	rm -rf build .pytest_cache

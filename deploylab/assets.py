@@ -1,0 +1,113 @@
+"""Train-or-load cache of the course's models: every notebook gets them from here.
+
+``teacher()`` and ``student()`` return the checkpoint of the active profile if it exists (after
+verifying it, see :func:`deploylab.models.load_checkpoint`), and otherwise train it -- with a
+progress bar -- and save it. ``prepare()`` builds everything a workshop needs ahead of time.
+
+A checkpoint that exists but fails verification is never retrained over: the error says how to
+rebuild it deliberately (``force=True`` / ``deploylab prepare --force``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import config, data, models
+from .config import Profile
+from .train import Recipe, evaluate, fit, timed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A model together with its verified metadata."""
+
+    model: nn.Module
+    meta: dict[str, Any]
+
+
+def recipe_for(role: str, profile: Profile) -> Recipe:
+    """The training recipe of ``role`` ('teacher' or 'student') in ``profile``."""
+    epochs = {"teacher": profile.teacher_epochs, "student": profile.student_epochs}[role]
+    return Recipe(epochs=epochs, augment=profile.augment)
+
+
+def _train(role: str, profile: Profile) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``role`` from scratch at the sizes of ``profile``; returns the model and its metadata."""
+    config.seed_everything(0)
+    arch = models.ROLES[role]
+    recipe = recipe_for(role, profile)
+    x, y = data.tensors("train", profile.train_images)
+    model = models.build(arch)
+    device = config.device()
+    history, seconds = timed(fit, model, x, y, recipe, device=device, desc=f"train {role} ({arch}, {profile.name})")
+    x_test, y_test = data.tensors("test", profile.test_images)
+    acc = evaluate(model, x_test, y_test)
+    meta = {
+        "role": role,
+        "arch": arch,
+        "profile": profile.name,
+        "recipe": recipe.to_dict(),
+        "train_images": len(x),
+        "training_seconds": round(seconds, 1),
+        "training_device": str(device) if device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(0)})",
+        "final_loss": round(history["loss"][-1], 4),
+        "test_accuracy": acc,
+        "test_images": len(x_test),
+        "parameters": models.count_parameters(model),
+    }
+    return model, meta
+
+
+def load_or_build(role: str, profile: Profile | str | None = None, *, build: bool = True, force: bool = False) -> Asset:
+    """The verified checkpoint of ``role`` for ``profile``; trained and saved first if missing.
+
+    ``build=False`` raises instead of training (for code that must not spend minutes training);
+    ``force=True`` retrains and replaces an existing checkpoint.
+    """
+    if role not in models.ROLES:
+        raise ValueError(f"unknown role {role!r}: choose one of {', '.join(models.ROLES)}")
+    profile = profile if isinstance(profile, Profile) else config.get_profile(profile)
+    folder = config.artefacts_dir(profile)
+    exists = models.read_metadata(folder, role) is not None
+    if exists and not force:
+        model, meta = models.load_checkpoint(folder, role, arch=models.ROLES[role], profile=profile.name)
+        return Asset(model, meta)
+    if not build:
+        raise models.CheckpointError(
+            f"no {role} checkpoint for profile {profile.name!r} in {folder}; run `deploylab prepare --profile {profile.name}`"
+        )
+    model, meta = _train(role, profile)
+    meta = models.save_checkpoint(model, folder, role, meta)
+    return Asset(model, meta)
+
+
+def teacher(profile: Profile | str | None = None, **kwargs) -> Asset:
+    """The ResNet50 teacher of the active profile (trained on first use)."""
+    return load_or_build("teacher", profile, **kwargs)
+
+
+def student(profile: Profile | str | None = None, **kwargs) -> Asset:
+    """The MobileNetV2 student of the active profile (trained on first use)."""
+    return load_or_build("student", profile, **kwargs)
+
+
+def sample_images_dir() -> Path:
+    """Where the real test images for serving demos are written."""
+    return config.DATA_DIR / "samples"
+
+
+def prepare(profile: Profile | str | None = None, *, force: bool = False) -> dict[str, dict[str, Any]]:
+    """Build everything a workshop needs: the dataset cache, sample images, teacher and student."""
+    profile = profile if isinstance(profile, Profile) else config.get_profile(profile)
+    ds = data.load_fashion_mnist()
+    log.info("Fashion-MNIST from %s, sha256 %s", ds.source, data.DATA_SHA256[:12])
+    data.write_sample_images(sample_images_dir(), per_class=2)
+    return {role: load_or_build(role, profile, force=force).meta for role in models.ROLES}

@@ -1,0 +1,144 @@
+"""Profiles, paths, device, threads and seeds: the settings every lesson shares.
+
+One environment variable, ``DEPLOYLAB_PROFILE``, chooses the size of everything (see
+``../shared/DESIGN.md``). A profile changes sizes only -- numbers of images, epochs, benchmark
+repetitions -- never code paths, so ``smoke`` runs exactly the cells that ``full`` runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROFILE_ENV = "DEPLOYLAB_PROFILE"
+DEFAULT_PROFILE = "workshop"
+
+
+class ProfileError(ValueError):
+    """An unknown profile name was asked for."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes for one profile. ``None`` for a limit means "all of it"."""
+
+    name: str
+    train_images: int | None  # images of the training split used to train
+    test_images: int | None  # images of the test set used to measure accuracy
+    teacher_epochs: int
+    student_epochs: int
+    calibration_images: int  # for static quantization in later lessons
+    bench_warmup: int  # untimed calls before measuring each variant
+    bench_rounds: int  # interleaved rounds (A B C A B C ...)
+    bench_repeats: int  # timed calls per variant and round
+    augment: bool  # random crop + flip while training
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    # CI and tests: every notebook end to end in under 2 minutes on 2 CPU cores.
+    "smoke": Profile(
+        name="smoke",
+        train_images=1024,
+        test_images=512,
+        teacher_epochs=1,
+        student_epochs=1,
+        calibration_images=32,
+        bench_warmup=2,
+        bench_rounds=2,
+        bench_repeats=3,
+        augment=False,
+    ),
+    # A laptop CPU in a live session; artefacts are prepared beforehand (`deploylab prepare`).
+    "workshop": Profile(
+        name="workshop",
+        train_images=12_000,
+        test_images=None,
+        teacher_epochs=2,
+        student_epochs=6,
+        calibration_images=256,
+        bench_warmup=5,
+        bench_rounds=5,
+        bench_repeats=10,
+        augment=False,
+    ),
+    # The headline results; training wants a GPU.
+    "full": Profile(
+        name="full",
+        train_images=None,
+        test_images=None,
+        teacher_epochs=10,
+        student_epochs=10,
+        calibration_images=1024,
+        bench_warmup=10,
+        bench_rounds=10,
+        bench_repeats=20,
+        augment=True,
+    ),
+}
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("DEPLOYLAB_DATA", ROOT / "data"))
+RESULTS_DIR = Path(os.environ.get("DEPLOYLAB_RESULTS", ROOT / "results"))
+
+# CPU latencies are measured with this many threads unless a lesson says otherwise (DESIGN.md).
+BENCH_THREADS = 2
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """Return the profile named ``name``, else the one in ``$DEPLOYLAB_PROFILE``, else workshop.
+
+    An unknown name raises :class:`ProfileError` listing the valid ones -- never a silent fallback,
+    because a typo would otherwise train or measure at the wrong size.
+    """
+    name = name or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    key = name.strip().lower()
+    if key not in PROFILES:
+        raise ProfileError(
+            f"unknown profile {name!r}: choose one of {', '.join(PROFILES)} "
+            f"(set {PROFILE_ENV}=smoke|workshop|full)"
+        )
+    return PROFILES[key]
+
+
+def artefacts_dir(profile: Profile | str | None = None) -> Path:
+    """Folder for the checkpoints and exported models of one profile."""
+    p = profile if isinstance(profile, Profile) else get_profile(profile)
+    return DATA_DIR / "artefacts" / p.name
+
+
+def results_dir(profile: Profile | str | None = None) -> Path:
+    """Folder for the JSON result records of one profile."""
+    p = profile if isinstance(profile, Profile) else get_profile(profile)
+    return RESULTS_DIR / p.name
+
+
+def device() -> torch.device:
+    """The training device: CUDA when present, else the CPU (never an error)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(n: int = BENCH_THREADS) -> int:
+    """Set PyTorch's intra-op thread count explicitly and return it, so results can print it."""
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, NumPy and PyTorch so splits and initialisations repeat."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def banner(profile: Profile | None = None) -> str:
+    """The first line every notebook prints: ``deploylab profile: <name>``."""
+    p = profile or get_profile()
+    return f"deploylab profile: {p.name}"

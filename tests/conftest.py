@@ -1,0 +1,19 @@
+"""Shared fixtures: tests run in the smoke profile and never touch the real data/ or results/."""
+
+from __future__ import annotations
+
+import pytest
+
+from deploylab import config, data
+
+
+@pytest.fixture
+def tmp_dirs(tmp_path, monkeypatch):
+    """Point DATA_DIR and RESULTS_DIR at a temporary folder (the real dataset cache stays readable)."""
+    monkeypatch.setattr(config, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(config, "RESULTS_DIR", tmp_path / "results")
+    data.load_fashion_mnist.cache_clear()
+    data.tensors.cache_clear()
+    yield tmp_path
+    data.load_fashion_mnist.cache_clear()
+    data.tensors.cache_clear()

@@ -1,0 +1,37 @@
+import pytest
+
+from deploylab import config
+
+
+def test_env_variable_chooses_profile(monkeypatch):
+    monkeypatch.setenv("DEPLOYLAB_PROFILE", "full")
+    assert config.get_profile().name == "full"
+    monkeypatch.setenv("DEPLOYLAB_PROFILE", " Smoke ")
+    assert config.get_profile().name == "smoke"
+
+
+def test_default_profile_is_workshop(monkeypatch):
+    monkeypatch.delenv("DEPLOYLAB_PROFILE", raising=False)
+    assert config.get_profile().name == "workshop"
+
+
+def test_unknown_profile_names_the_valid_ones(monkeypatch):
+    monkeypatch.setenv("DEPLOYLAB_PROFILE", "fulll")
+    with pytest.raises(config.ProfileError, match="smoke, workshop, full"):
+        config.get_profile()
+
+
+def test_profiles_grow_from_smoke_to_full():
+    smoke, workshop, full = (config.PROFILES[n] for n in ("smoke", "workshop", "full"))
+    assert smoke.train_images < workshop.train_images and full.train_images is None
+    assert workshop.test_images is None and full.test_images is None  # the whole test set
+    assert smoke.bench_rounds < workshop.bench_rounds <= full.bench_rounds
+
+
+def test_banner_is_the_first_line_notebooks_print():
+    assert config.banner(config.PROFILES["smoke"]) == "deploylab profile: smoke"
+
+
+def test_set_threads_is_explicit():
+    assert config.set_threads(1) == 1
+    assert config.set_threads(2) == 2
