@@ -20,6 +20,7 @@ from torch import nn
 
 from . import config, data, models
 from .config import Profile
+from .files import atomic_path
 from .train import Recipe, evaluate, fit, timed
 
 log = logging.getLogger(__name__)
@@ -111,3 +112,29 @@ def prepare(profile: Profile | str | None = None, *, force: bool = False) -> dic
     log.info("Fashion-MNIST from %s, sha256 %s", ds.source, data.DATA_SHA256[:12])
     data.write_sample_images(sample_images_dir(), per_class=2)
     return {role: load_or_build(role, profile, force=force).meta for role in models.ROLES}
+
+
+def logits(role: str, split: str = "test", profile: Profile | str | None = None, *, limit: int | None = -1) -> torch.Tensor:
+    """fp32 logits of ``role``'s checkpoint on ``split``, cached next to the checkpoint.
+
+    ResNet50 at 32x32 takes minutes for 10,000 images on 2 CPU cores, and later lessons need the
+    fp32 teacher's predictions as a baseline (or as soft targets); this computes them once per
+    checkpoint. ``limit=-1`` means the profile's size for the split (test: ``test_images``,
+    train: ``train_images``); the cache key includes the checkpoint's sha256, so a new checkpoint
+    never reuses old logits.
+    """
+    from .train import predict
+
+    profile = profile if isinstance(profile, Profile) else config.get_profile(profile)
+    if limit == -1:
+        limit = {"test": profile.test_images, "train": profile.train_images, "val": None}[split]
+    asset = load_or_build(role, profile, build=False)
+    key = f"{role}.{split}.{limit or 'all'}.{asset.meta['sha256'][:16]}.logits.pt"
+    path = config.artefacts_dir(profile) / "cache" / key
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    x, _ = data.tensors(split, limit)
+    out = predict(asset.model, x)
+    with atomic_path(path) as tmp:
+        torch.save(out, tmp)
+    return out
