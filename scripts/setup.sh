@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-DEBIAN_PACKAGES=(dataset-fashion-mnist)
+DEBIAN_PACKAGES=(dataset-fashion-mnist openjdk-17-jre-headless)  # the dataset; Java for TorchServe
 
 say() { printf '[setup] %s\n' "$*"; }
 
