@@ -111,7 +111,12 @@ def prepare(profile: Profile | str | None = None, *, force: bool = False) -> dic
     ds = data.load_fashion_mnist()
     log.info("Fashion-MNIST from %s, sha256 %s", ds.source, data.DATA_SHA256[:12])
     data.write_sample_images(sample_images_dir(), per_class=2)
-    return {role: load_or_build(role, profile, force=force).meta for role in models.ROLES}
+    metas = {role: load_or_build(role, profile, force=force).meta for role in models.ROLES}
+    # The fp32 predictions the lessons compare against (and distil from): minutes on a CPU, so
+    # computed here, once, rather than live in a workshop.
+    for role, split in (("teacher", "test"), ("student", "test"), ("teacher", "train")):
+        logits(role, split, profile)
+    return metas
 
 
 def logits(role: str, split: str = "test", profile: Profile | str | None = None, *, limit: int | None = -1) -> torch.Tensor:
