@@ -1,0 +1,235 @@
+"""Knowledge distillation: a ResNet50 teacher's soft predictions teach a MobileNetV2 student.
+
+The loss (Hinton, Vinyals and Dean, 2015) mixes two terms:
+
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+         + (1 - alpha) * CE(student, labels)
+
+The temperature ``T`` softens both distributions so that the teacher's "dark knowledge" -- which
+wrong classes it finds plausible (a shirt looks more like a T-shirt than a sandal) -- carries
+signal; ``T^2`` keeps the soft term's gradients on the same scale whatever ``T`` is.
+
+Training reuses :func:`deploylab.train.fit`, whose ``loss_fn`` receives ``(logits, targets)``.
+The teacher is frozen, so its logits are computed once (``assets.logits("teacher", "train")``)
+and travel *with* the labels: :func:`pack_targets` concatenates them into one float tensor
+``(N, classes + 1)`` that ``fit`` shuffles and batches exactly like labels, and
+:class:`DistillationLoss` unpacks them. No index bookkeeping, no teacher forward pass per step.
+
+Profile sizes of the lesson (epochs, sweep grid, seeds) are in :data:`SIZES`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistillSizes:
+    """How much the distillation lesson trains in one profile.
+
+    The distilled student with all labels uses the prepared student's recipe
+    (``assets.recipe_for("student", profile)``), so that it differs from the scratch student
+    only in its loss.
+    """
+
+    label_fraction: float  # the "few labels" setting: fraction of training images that keep their label
+    few_label_epochs: int  # epochs of the distilled student in the few-label setting (all images)
+    seeds: tuple[int, ...]  # seeds of the few-label comparison (>= 2, to see the spread)
+    sweep_temperatures: tuple[float, ...]
+    sweep_alphas: tuple[float, ...]
+    sweep_train_images: int | None  # training images per sweep run (None: all)
+    sweep_epochs: int
+    sweep_val_images: int | None  # validation images scoring each sweep run (never test images)
+
+
+SIZES: dict[str, DistillSizes] = {
+    "smoke": DistillSizes(label_fraction=0.1, few_label_epochs=1, seeds=(0, 1),
+                          sweep_temperatures=(1.0, 4.0), sweep_alphas=(0.9,), sweep_train_images=512,
+                          sweep_epochs=2, sweep_val_images=256),  # fit's one-cycle schedule needs >= 5 steps
+    # 12,000 training images at ~800 images/s: one epoch is ~15 s on 2 CPU cores.
+    "workshop": DistillSizes(label_fraction=0.1, few_label_epochs=2, seeds=(0, 1),
+                             sweep_temperatures=(1.0, 4.0, 8.0), sweep_alphas=(0.5, 0.9), sweep_train_images=3000,
+                             sweep_epochs=2, sweep_val_images=2000),
+    # Training wants a GPU.
+    "full": DistillSizes(label_fraction=0.1, few_label_epochs=10, seeds=(0, 1, 2),
+                         sweep_temperatures=(1.0, 2.0, 4.0, 8.0), sweep_alphas=(0.5, 0.9), sweep_train_images=20_000,
+                         sweep_epochs=5, sweep_val_images=None),
+}
+
+
+def sizes_for(profile_name: str) -> DistillSizes:
+    """The lesson's sizes for ``profile_name`` (smoke, workshop or full)."""
+    if profile_name not in SIZES:
+        raise ValueError(f"no distillation sizes for profile {profile_name!r}: choose one of {', '.join(SIZES)}")
+    return SIZES[profile_name]
+
+
+def _check_hyperparameters(temperature: float, alpha: float) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0 (typical: 1 to 8), got {temperature}")
+    if not math.isfinite(alpha) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha weighs the soft (teacher) term against the hard-label term and must be in [0, 1], got {alpha}")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+            temperature: float = 4.0, alpha: float = 0.9, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The knowledge-distillation loss, averaged over the batch (see the module docstring).
+
+    ``student_logits`` and ``teacher_logits`` are ``(N, C)``; ``labels`` are ``(N,)`` class indices.
+    Computed in fp32 whatever the logits' dtype (under bf16 autocast the student's are bf16).
+    """
+    _check_hyperparameters(temperature, alpha)
+    if student_logits.ndim != 2:
+        raise ValueError(f"student logits must be (batch, classes), got shape {tuple(student_logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                         f"{tuple(student_logits.shape)} must have the same shape")
+    if labels.shape != student_logits.shape[:1]:
+        raise ValueError(f"labels must be ({student_logits.shape[0]},) class indices, got shape {tuple(labels.shape)}")
+    s, t, T = student_logits.float(), teacher_logits.detach().float(), float(temperature)
+    soft = F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True)
+    hard = F.cross_entropy(s, labels.long(), label_smoothing=label_smoothing)
+    return alpha * T * T * soft + (1.0 - alpha) * hard
+
+
+def pack_targets(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One float tensor ``(N, C + 1)``: the teacher's logits, then the label, per image.
+
+    ``train.fit`` batches and shuffles ``targets`` row by row like labels, so each batch carries
+    the teacher logits of exactly its images. Labels up to 2^24 are exact in float32.
+    """
+    if teacher_logits.ndim != 2 or labels.ndim != 1 or len(teacher_logits) != len(labels):
+        raise ValueError(f"need teacher logits (N, C) and labels (N,) for the same N, got "
+                         f"{tuple(teacher_logits.shape)} and {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point:
+        raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
+    return torch.cat([teacher_logits.float(), labels.float().unsqueeze(1)], dim=1)
+
+
+def unpack_targets(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_targets`: ``(teacher_logits (N, C), labels (N,) int64)``."""
+    if targets.ndim != 2 or targets.shape[1] < 3:
+        raise ValueError(f"packed targets must be (N, classes + 1) from pack_targets, got shape {tuple(targets.shape)}")
+    return targets[:, :-1], targets[:, -1].round().long()
+
+
+class DistillationLoss:
+    """``loss_fn(logits, packed_targets)`` for :func:`deploylab.train.fit`.
+
+    Also keeps running training statistics (accuracy against the labels, agreement with the
+    teacher, the two loss terms) per epoch, since ``fit``'s progress bar shows only the loss.
+    """
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, label_smoothing: float = 0.0):
+        _check_hyperparameters(temperature, alpha)
+        self.temperature, self.alpha, self.label_smoothing = float(temperature), float(alpha), label_smoothing
+        self.stats: dict[str, float] = {"images": 0, "correct": 0, "agree": 0}
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        teacher_logits, labels = unpack_targets(targets)
+        with torch.no_grad():
+            pred = logits.argmax(1)
+            self.stats["images"] += len(labels)
+            self.stats["correct"] += (pred == labels).sum().item()
+            self.stats["agree"] += (pred == teacher_logits.argmax(1)).sum().item()
+        return kd_loss(logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha,
+                       label_smoothing=self.label_smoothing)
+
+    def summary(self) -> dict[str, float]:
+        """Training accuracy and teacher agreement over everything seen so far (augmented batches)."""
+        n = max(self.stats["images"], 1)
+        return {"train_accuracy": self.stats["correct"] / n, "teacher_agreement": self.stats["agree"] / n}
+
+    def __repr__(self) -> str:
+        return f"DistillationLoss(temperature={self.temperature}, alpha={self.alpha})"
+
+
+def label_subset(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """Boolean mask of the ``round(fraction * n)`` images (at least one) that keep their label."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    if n < 1:
+        raise ValueError(f"need at least one image, got n={n}")
+    k = max(1, round(fraction * n))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]] = True
+    return mask
+
+
+def teacher_labels(labels: torch.Tensor, teacher_logits: torch.Tensor, labeled: torch.Tensor) -> torch.Tensor:
+    """Labels where ``labeled`` is True, the teacher's prediction (argmax) everywhere else."""
+    if not (len(labels) == len(teacher_logits) == len(labeled)) or labeled.dtype != torch.bool:
+        raise ValueError("labels, teacher logits and a boolean mask of the same length are needed")
+    return torch.where(labeled, labels, teacher_logits.argmax(1))
+
+
+def matched_epochs(epochs: int, n_all: int, n_labeled: int, batch_size: int = 128) -> int:
+    """Epochs over ``n_labeled`` images that take about as many optimiser steps as ``epochs`` over ``n_all``.
+
+    The scratch student of the few-label setting sees only the labelled images; giving it the same
+    number of steps as the distilled student (which sees all images) keeps the comparison about
+    the teacher's knowledge, not about training longer.
+    """
+    if epochs < 1 or n_labeled < 1 or n_all < n_labeled:
+        raise ValueError(f"need epochs >= 1 and 1 <= n_labeled <= n_all, got {epochs}, {n_labeled}, {n_all}")
+    steps = epochs * math.ceil(n_all / batch_size)
+    return max(epochs, round(steps / math.ceil(n_labeled / batch_size)))
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``example``, counted by ``FlopCounterMode``.
+
+    PyTorch's counter reports FLOPs of convolutions and matrix products (2 per multiply-add, groups
+    and strides accounted for) and ignores cheap element-wise work (BatchNorm, ReLU, adds), the
+    usual convention for MACs; so MACs = FLOPs / 2.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(example)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def gain_summary(gains: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, min and max of per-seed gains (accuracy points)."""
+    if len(gains) < 1:
+        raise ValueError("no gains to summarise")
+    g = torch.tensor(gains, dtype=torch.float64)
+    std = g.std().item() if len(gains) > 1 else float("nan")
+    return {"mean": g.mean().item(), "std": std, "min": g.min().item(), "max": g.max().item(), "n": len(gains)}
+
+
+def plot_sweep(rows: list[dict], baseline: float | None = None, title: str = ""):
+    """Validation accuracy (%) against temperature, one line per alpha (``rows``: temperature, alpha, val_accuracy)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for alpha in sorted({r["alpha"] for r in rows}):
+        pts = sorted((r["temperature"], 100 * r["val_accuracy"]) for r in rows if r["alpha"] == alpha)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"alpha = {alpha}")
+    if baseline is not None:
+        ax.axhline(100 * baseline, color="gray", linestyle="--", label="hard labels only (alpha = 0)")
+    ax.set_xscale("log", base=2)
+    temps = sorted({r["temperature"] for r in rows})
+    ax.set_xticks(temps, [f"{t:g}" for t in temps])
+    ax.minorticks_off()
+    ax.set_xlabel("temperature T (log scale)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

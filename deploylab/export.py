@@ -1,0 +1,658 @@
+"""ONNX export, verification, ONNX Runtime sessions, static INT8 quantization and model cards.
+
+The path every exported model takes in this course (lesson 04):
+
+1. :func:`export_onnx` -- ``torch.onnx.export`` with the current (dynamo) exporter: opset 18+,
+   a dynamic batch dimension, named input ``input`` and output ``logits``, one self-contained
+   file. The legacy TorchScript exporter (``dynamo=False``, opset 13) is kept for contrast only.
+2. :func:`verify` -- ``onnx.checker`` (full check) and parity with PyTorch on real test images:
+   maximum absolute difference of the logits and top-1 agreement. It raises
+   :class:`ParityError` when parity breaks, so a broken export never goes further silently.
+3. :func:`session` -- an ONNX Runtime session with explicit threads and graph optimization level.
+4. :func:`quantize_int8` -- ONNX Runtime static INT8 (``quantize_static``) calibrated on real
+   training images read by :class:`CalibrationReader`.
+5. :func:`write_card` / :func:`load_exported` -- a model card JSON next to each exported file
+   (inputs, preprocessing, class names, accuracy, parity, exporter, opset, sha256), which the
+   serving lesson reads; loading refuses a file whose sha256 does not match its card.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import config, data
+from .config import Profile
+from .files import atomic_path, atomic_write_json, sha256_file
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+DYNAMO_OPSET = 18  # the dynamo exporter's default opset (its translation functions are written for 18)
+LEGACY_OPSET = 13  # what older blog posts and tutorials use with the TorchScript exporter
+
+
+class ExportError(RuntimeError):
+    """An exported model or its card is missing, invalid, or does not match."""
+
+
+class ParityError(ExportError):
+    """ONNX Runtime's outputs do not match PyTorch's closely enough."""
+
+
+@dataclass(frozen=True)
+class ExportSizes:
+    """Lesson-04 sizes per profile. ``None`` means the profile's whole test set.
+
+    The teacher (ResNet50) runs at roughly 50 images/s in ONNX Runtime on 2 CPU cores, and it is
+    evaluated twice (fp32 and INT8): in ``workshop`` it is checked on a fixed subset to keep the
+    lesson under 10 minutes; the student is always checked on the whole (profile's) test set.
+    """
+
+    student_eval_images: int | None
+    teacher_eval_images: int | None
+    calibration_batch: int = 32  # images per calibration batch fed to ONNX Runtime
+
+
+SIZES: dict[str, ExportSizes] = {
+    "smoke": ExportSizes(student_eval_images=None, teacher_eval_images=128),
+    "workshop": ExportSizes(student_eval_images=None, teacher_eval_images=2_000),
+    "full": ExportSizes(student_eval_images=None, teacher_eval_images=None),
+}
+
+
+def sizes(profile: Profile) -> ExportSizes:
+    """The lesson's sizes for ``profile``."""
+    return SIZES[profile.name]
+
+
+def eval_images(role: str, profile: Profile) -> int:
+    """How many test images ``role``'s ONNX variants are evaluated on in ``profile``."""
+    total = profile.test_images or 10_000
+    limit = {"teacher": sizes(profile).teacher_eval_images, "student": sizes(profile).student_eval_images}.get(role)
+    return total if limit is None else min(limit, total)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Export
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What an export produced and how long it took."""
+
+    path: Path
+    exporter: str  # "dynamo" or "legacy"
+    opset: int
+    seconds: float
+    files: tuple[str, ...]  # every file written (an external-data file would show up here)
+    size_bytes: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def _example(example: torch.Tensor | None) -> torch.Tensor:
+    """An example batch of two real images (batch 2, not 1: a batch of 1 would get specialised)."""
+    if example is None:
+        example, _ = data.tensors("test", 2)
+    if not isinstance(example, torch.Tensor) or example.ndim != 4:
+        raise TypeError("example must be a 4-d float tensor (N, 1, 32, 32), e.g. data.tensors('test', 2)[0]")
+    return example[:2] if len(example) >= 2 else example.repeat(2, 1, 1, 1)
+
+
+def opset_of(path: str | os.PathLike) -> int:
+    """The default-domain opset version of an ONNX file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    example: torch.Tensor | None = None,
+    dynamo: bool = True,
+    opset: int | None = None,
+) -> ExportInfo:
+    """Export any image classifier ``model`` to ``path`` with a dynamic batch dimension.
+
+    ``dynamo=True`` (the default of ``torch.onnx.export`` since PyTorch 2.9) traces with
+    ``torch.export`` and writes opset 18 or later; ``dynamo=False`` is the deprecated TorchScript
+    exporter (opset 13 by default here, as older posts show it). The dynamo exporter would store
+    the weights in a separate ``.onnx.data`` file by default; we ask for one self-contained file
+    (``external_data=False``, fine below ONNX's 2 GB protobuf limit) so that one sha256 covers the
+    whole model. The file is written to a temporary name and renamed on success.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_onnx needs a torch.nn.Module, got {type(model).__name__}")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"name the exported file *.onnx, got {path.name!r}")
+    model = model.eval()
+    x = _example(example)
+    opset = opset or (DYNAMO_OPSET if dynamo else LEGACY_OPSET)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with atomic_path(path) as tmp:
+        if dynamo:
+            torch.onnx.export(
+                model, (x,), str(tmp), dynamo=True, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),  # one entry per positional argument
+                external_data=False,
+            )
+        else:
+            torch.onnx.export(
+                model, (x,), str(tmp), dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+    seconds = time.perf_counter() - start
+    extra = external_data_files(path)
+    return ExportInfo(path=path, exporter="dynamo" if dynamo else "legacy", opset=opset_of(path),
+                      seconds=seconds, files=(path.name, *extra), size_bytes=path.stat().st_size)
+
+
+def external_data_files(path: str | os.PathLike) -> tuple[str, ...]:
+    """Names of the external-data files an ONNX file refers to (empty for a self-contained file)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {  # the weights are the graph's initializers; external ones name their file under "location"
+        entry.value
+        for t in model.graph.initializer if uses_external_data(t)
+        for entry in t.external_data if entry.key == "location"
+    }
+    return tuple(sorted(names))
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Inputs, outputs (names, element types, shapes with symbolic dims), opset, node count, producer."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def io(values) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
+        return out
+
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {
+        "inputs": io(model.graph.input),
+        "outputs": io(model.graph.output),
+        "opset": opset_of(path),
+        "nodes": len(model.graph.node),
+        "op_types": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "ir_version": model.ir_version,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 2. ONNX Runtime sessions
+# --------------------------------------------------------------------------------------------
+
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def session(
+    path: str | os.PathLike,
+    *,
+    threads: int = config.BENCH_THREADS,
+    optimization: str = "all",
+    optimized_path: str | os.PathLike | None = None,
+    spinning: bool = False,
+):
+    """An ONNX Runtime CPU session with explicit threads and graph optimization level.
+
+    ``threads`` is the intra-op pool size (the calling thread counts as one of them);
+    ``inter_op`` stays 1 (sequential execution). ``optimization`` is one of :data:`OPT_LEVELS`;
+    ``optimized_path`` saves the graph after optimization (at level ``all`` it contains
+    CPU-specific fused/layout ops: save at ``extended`` for a portable file). ``spinning=False``
+    stops the pool threads from busy-waiting after each run: on 2 shared cores a spinning pool would
+    steal time from whatever runs next (the next variant of an interleaved benchmark, a web server).
+    """
+    import onnxruntime as ort
+
+    if optimization not in OPT_LEVELS:
+        raise ValueError(f"optimization must be one of {', '.join(OPT_LEVELS)}, got {optimization!r}")
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no ONNX file at {path}; export it first (export.export_onnx)")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if optimized_path is not None:
+        Path(optimized_path).parent.mkdir(parents=True, exist_ok=True)
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.dtype != np.float32:
+        raise TypeError(f"ONNX model inputs are float32 (data.preprocess output), got {arr.dtype}")
+    return np.ascontiguousarray(arr)
+
+
+def run(sess, x: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits of an ONNX Runtime session for all of ``x``, in batches."""
+    arr = _numpy(x)
+    name = sess.get_inputs()[0].name
+    if len(arr) == 0:
+        raise ValueError("no inputs to run")
+    return np.concatenate([sess.run(None, {name: arr[i : i + batch_size]})[0] for i in range(0, len(arr), batch_size)])
+
+
+def as_callable(sess) -> Callable[[torch.Tensor], np.ndarray]:
+    """A one-argument function for :func:`deploylab.bench.compare_latency` (takes a torch batch)."""
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x.numpy()})
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Verification
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely ONNX Runtime reproduced the reference logits on ``images`` real inputs."""
+
+    images: int
+    max_abs_diff: float
+    reference_max_abs: float  # largest |logit| of the reference: the scale the difference compares to
+    tolerance: float
+    top1_agreement: float
+    accuracy: float | None  # of the ONNX model, if labels were given
+    reference_accuracy: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_model(path: str | os.PathLike) -> None:
+    """``onnx.checker`` with ``full_check=True`` (also runs strict shape inference); raises ExportError."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"{path} is not a valid ONNX model: {e}") from e
+
+
+def parity(
+    onnx_logits: np.ndarray,
+    reference: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor | None = None,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> Parity:
+    """Compare two sets of logits: max |difference|, top-1 agreement, and accuracy if labels given.
+
+    The tolerance scales with the reference (``atol + rtol * max|reference|``): the smoke models
+    have logits in the thousands, the trained ones around ten, and fp32 rounding scales with them.
+    """
+    ref = reference.detach().cpu().numpy() if isinstance(reference, torch.Tensor) else np.asarray(reference)
+    got = np.asarray(onnx_logits)
+    if got.shape != ref.shape:
+        raise ParityError(f"ONNX output shape {got.shape} differs from the reference's {ref.shape}")
+    scale = float(np.abs(ref).max())
+    y = None if labels is None else np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    return Parity(
+        images=len(ref),
+        max_abs_diff=float(np.abs(got - ref).max()),
+        reference_max_abs=scale,
+        tolerance=atol + rtol * scale,
+        top1_agreement=float((got.argmax(1) == ref.argmax(1)).mean()),
+        accuracy=None if y is None else float((got.argmax(1) == y).mean()),
+        reference_accuracy=None if y is None else float((ref.argmax(1) == y).mean()),
+    )
+
+
+def verify(
+    path: str | os.PathLike,
+    inputs: torch.Tensor,
+    reference: nn.Module | torch.Tensor | np.ndarray,
+    labels: torch.Tensor | None = None,
+    *,
+    min_agreement: float = 0.999,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    threads: int = config.BENCH_THREADS,
+) -> Parity:
+    """Check ``path`` with ``onnx.checker`` (full) and compare it with PyTorch on real ``inputs``.
+
+    ``reference`` is the PyTorch model, or its logits on ``inputs`` (e.g. ``assets.logits``, to
+    avoid re-running a slow model). Raises :class:`ParityError` if the largest logit difference
+    exceeds the tolerance or top-1 agreement is below ``min_agreement``; returns the figures.
+    """
+    if len(inputs) == 0:
+        raise ValueError("verify needs real test images: got an empty input batch")
+    check_model(path)
+    if isinstance(reference, nn.Module):
+        from .train import predict
+
+        reference = predict(reference, inputs)
+    if len(reference) != len(inputs):
+        raise ValueError(f"{len(reference)} reference logits for {len(inputs)} inputs")
+    got = run(session(path, threads=threads), inputs)
+    result = parity(got, reference, labels, atol=atol, rtol=rtol)
+    problems = []
+    if result.max_abs_diff > result.tolerance:
+        problems.append(f"max |logit difference| {result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g}")
+    if result.top1_agreement < min_agreement:
+        problems.append(f"top-1 agreement {result.top1_agreement:.2%} < {min_agreement:.2%}")
+    if problems:
+        raise ParityError(
+            f"{Path(path).name} does not reproduce PyTorch on {result.images} test images: " + "; ".join(problems)
+            + ". Check that the model was in eval mode, that the export and the reference see the same "
+              "preprocessing (data.preprocess), and that nothing was added to or left out of the module exported."
+        )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Static INT8 with ONNX Runtime
+# --------------------------------------------------------------------------------------------
+
+
+def _reader_base():
+    from onnxruntime.quantization import CalibrationDataReader
+
+    return CalibrationDataReader
+
+
+class CalibrationReader(_reader_base()):
+    """Feeds real preprocessed images to ``quantize_static``, ``batch_size`` at a time.
+
+    Use ``data.calibration_set(n)`` (training images, never test images). An empty or malformed
+    set raises at construction: ``quantize_static`` would otherwise fail deep inside with an
+    obscure error, or calibrate on nothing.
+    """
+
+    def __init__(self, images: torch.Tensor | np.ndarray, input_name: str = INPUT_NAME, batch_size: int = 32):
+        arr = _numpy(images) if len(images) else np.empty((0,))
+        if arr.size == 0 or len(arr) == 0:
+            raise ValueError("the calibration reader got no images: pass real preprocessed images, "
+                             "e.g. data.calibration_set(profile.calibration_images)")
+        if arr.ndim != 4:
+            raise ValueError(f"calibration images must be a batch (N, C, H, W), got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("calibration images contain NaN or infinity")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.images, self.input_name, self.batch_size = arr, input_name, batch_size
+        self.batches_read = 0
+        self._iter = self._batches()
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(0, len(self.images), self.batch_size):
+            yield {self.input_name: self.images[i : i + self.batch_size]}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._iter, None)
+        if batch is not None:
+            self.batches_read += 1
+        return batch
+
+    def rewind(self) -> None:
+        """Start again from the first batch (ONNX Runtime may read the data more than once)."""
+        self._iter = self._batches()
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """One ONNX Runtime static-quantization configuration."""
+
+    format: str = "qdq"  # "qdq" (QuantizeLinear/DequantizeLinear pairs) or "qoperator" (QLinearConv...)
+    per_channel: bool = True
+    reduce_range: bool | None = None  # None: True only on CPUs without VNNI (ONNX Runtime's advice)
+
+    @property
+    def name(self) -> str:
+        return f"{self.format} {'per-channel' if self.per_channel else 'per-tensor'}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "reduce_range": self.effective_reduce_range()}
+
+    def effective_reduce_range(self) -> bool:
+        if self.reduce_range is not None:
+            return self.reduce_range
+        from .hardware import cpu_flags
+
+        flags = cpu_flags()
+        return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+
+
+INT8_CONFIGS = tuple(Int8Config(fmt, pc) for fmt in ("qdq", "qoperator") for pc in (True, False))
+
+
+def quantize_int8(
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    calibration: CalibrationReader,
+    cfg: Int8Config = Int8Config(),
+) -> Path:
+    """Static INT8 of an fp32 ONNX file with ``onnxruntime.quantization.quantize_static``.
+
+    Steps: ``quant_pre_process`` (shape inference and graph clean-up that the quantizer needs),
+    then calibration (MinMax ranges of every activation over the calibration images), then the
+    quantized graph in ``cfg.format``. Activations are uint8 and weights int8 (ONNX Runtime's
+    advice for x86). Written to a temporary file and renamed on success.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    if not isinstance(calibration, CalibrationReader):
+        raise TypeError("calibration must be an export.CalibrationReader over real images")
+    if cfg.format not in ("qdq", "qoperator"):
+        raise ValueError(f"format must be 'qdq' or 'qoperator', got {cfg.format!r}")
+    out_path = Path(out_path)
+    calibration.rewind()
+    with tempfile.TemporaryDirectory(prefix="deploylab-int8-") as tmpdir:
+        pre = Path(tmpdir) / "preprocessed.onnx"
+        quant_pre_process(str(fp32_path), str(pre))
+        with atomic_path(out_path) as tmp:
+            quantize_static(
+                str(pre), str(tmp), calibration,
+                quant_format=QuantFormat.QDQ if cfg.format == "qdq" else QuantFormat.QOperator,
+                per_channel=cfg.per_channel, reduce_range=cfg.effective_reduce_range(),
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+    if calibration.batches_read == 0:
+        raise ExportError("quantize_static read no calibration batch; the INT8 ranges would be meaningless")
+    return out_path
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Model cards
+# --------------------------------------------------------------------------------------------
+
+PREPROCESSING = {
+    "function": "deploylab.data.preprocess",
+    "raw_input": "uint8 grayscale image, 28x28 (any square size is resized)",
+    "steps": ["bilinear resize to 32x32 (align_corners=False)", "scale to [0, 1] (divide by 255)",
+              "subtract mean, divide by std"],
+    "image_size": data.IMAGE_SIZE,
+    "mean": data.MEAN,
+    "std": data.STD,
+    "layout": "NCHW float32 (N, 1, 32, 32)",
+}
+
+
+def card_path(onnx_path: str | os.PathLike) -> Path:
+    """The model card of ``student_fp32.onnx`` is ``student_fp32.card.json``, next to it."""
+    return Path(onnx_path).with_suffix(".card.json")
+
+
+def write_card(
+    onnx_path: str | os.PathLike,
+    *,
+    role: str,
+    arch: str,
+    profile: Profile,
+    precision: str,
+    exporter: str,
+    parity: Parity | None,
+    accuracy: float | None,
+    test_images: int | None,
+    source: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write the model card JSON next to ``onnx_path`` (atomically) and return it.
+
+    Inputs, outputs and opset are read from the file itself, never typed by hand.
+    """
+    from .models import library_versions
+
+    path = Path(onnx_path)
+    info = describe(path)
+    card = {
+        "name": path.stem,
+        "file": path.name,
+        "format": "onnx",
+        "role": role,
+        "arch": arch,
+        "precision": precision,
+        "exporter": exporter,
+        "opset": info["opset"],
+        "inputs": info["inputs"],
+        "outputs": info["outputs"],
+        "preprocessing": PREPROCESSING,
+        "class_names": list(data.CLASS_NAMES),
+        "accuracy": accuracy,
+        "test_images": test_images,
+        "parity": parity.to_dict() if parity is not None else None,
+        "source_checkpoint": source,
+        "profile": profile.name,
+        "data_sha256": data.DATA_SHA256,
+        "versions": library_versions(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+        "size_bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
+    atomic_write_json(card_path(path), card)
+    return card
+
+
+def read_card(onnx_path: str | os.PathLike) -> dict[str, Any]:
+    """The card of ``onnx_path``; raises ExportError if it is missing or not JSON."""
+    cp = card_path(onnx_path)
+    if not cp.is_file():
+        raise ExportError(f"no model card {cp} next to {onnx_path}: export it with lesson 04 (export.write_card)")
+    try:
+        return json.loads(cp.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{cp} is not valid JSON ({e}); re-export the model") from e
+
+
+def load_exported(
+    onnx_path: str | os.PathLike,
+    *,
+    profile: Profile | str | None = None,
+    threads: int = config.BENCH_THREADS,
+    optimization: str = "all",
+) -> tuple[Any, dict[str, Any]]:
+    """An ONNX Runtime session for ``onnx_path`` and its card, after checking the card.
+
+    Refuses (ExportError) a file whose sha256 differs from its card's, a card of other data, a card
+    whose input name is not in the file, and -- if ``profile`` is given -- a card of another profile
+    or one exported from a checkpoint that has been replaced since (the export is stale).
+    """
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise ExportError(f"no exported model at {path}: run notebooks/04_onnx_export.ipynb first")
+    card = read_card(path)
+    problems = []
+    actual = sha256_file(path)
+    if card.get("sha256") != actual:
+        problems.append(f"its sha256 is {actual[:12]}..., the card says {str(card.get('sha256'))[:12]}... (corrupt or replaced)")
+    if profile is not None:
+        p = profile if isinstance(profile, Profile) else config.get_profile(profile)
+        if card.get("profile") != p.name:
+            problems.append(f"it was exported for profile {card.get('profile')!r}, not {p.name!r}")
+        src = card.get("source_checkpoint") or {}
+        if src.get("file") and src.get("sha256"):
+            from .models import read_metadata
+
+            current = read_metadata(config.artefacts_dir(p), Path(src["file"]).stem)
+            if current is not None and current.get("sha256") != src["sha256"]:
+                problems.append(f"the checkpoint it was exported from, {src['file']}, has been replaced since (retrained?)")
+    if card.get("data_sha256") != data.DATA_SHA256:
+        problems.append("its model was trained on different data (data hash differs)")
+    if problems:
+        raise ExportError(f"refusing {path}: " + "; ".join(problems) + ". Re-export it (notebooks/04_onnx_export.ipynb).")
+    sess = session(path, threads=threads, optimization=optimization)
+    if [i.name for i in sess.get_inputs()] != [i["name"] for i in card["inputs"]]:
+        raise ExportError(f"refusing {path}: its inputs do not match the card's {card['inputs']}")
+    return sess, card
+
+
+def export_dir(profile: Profile) -> Path:
+    """Where this lesson's ONNX files and cards go: the profile's artefacts folder."""
+    return config.artefacts_dir(profile)
+
+
+def install(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy an ONNX file into place atomically (e.g. the chosen INT8 variant from a scratch folder).
+
+    Write its card afterwards (:func:`write_card`): the card holds the sha256 of the copy."""
+    dst = Path(dst)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return dst
+
+
+def markdown_table(rows: list[dict[str, Any]], index: str | None = None) -> str:
+    """A Markdown table of ``rows`` (dicts with the same keys); floats get 4 significant digits."""
+    if not rows:
+        raise ValueError("no rows for the table")
+    keys = list(rows[0])
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v).replace("|", "/")
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,424 @@
+"""Pruning: unstructured magnitude pruning (zeros in place) and structured channel pruning.
+
+Two very different things share the name "pruning":
+
+- *Unstructured* pruning (``torch.nn.utils.prune``) sets individual weights to zero. The tensors
+  keep their shapes, so a dense kernel does exactly the same work: no speed-up, and the weights
+  file only shrinks when it is compressed or stored in a sparse format.
+- *Structured* pruning (the torch-pruning library) removes whole channels, following the
+  dependency graph so that every layer that consumes a removed channel shrinks with it. The result
+  is a smaller *dense* model: fewer parameters, fewer multiply-accumulates (MACs), lower latency.
+
+This module holds the plumbing of lesson 02 (sizes per profile, sparsity accounting, size
+measurements, the sensitivity scan, and saving/loading a pruned model without pickle); the
+notebook shows the library calls themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import gzip
+import io
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from . import data, models
+from .files import atomic_path, atomic_write_json, sha256_file
+
+LESSON = "pruning"
+PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class PruneSizes:
+    """How much work lesson 02 does in one profile (sizes only; the code path is the same)."""
+
+    sparsities: tuple[float, ...]  # unstructured sweep on the student (fraction of weights zeroed)
+    finetune_images: int | None  # training images of each short student fine-tune (None: all)
+    finetune_epochs: int
+    student_ratios: tuple[float, ...]  # structured channel-pruning ratios for the student
+    teacher_ratio: float  # structured channel-pruning ratio for the teacher
+    teacher_finetune_images: int | None
+    teacher_finetune_epochs: int
+    teacher_eval_images: int | None  # test images for the pruned teacher (ResNet50 is slow on a CPU)
+    iterative_steps: int  # prune a little, fine-tune, prune again...
+    sensitivity_layers: int  # layers of the student scanned one at a time
+    sensitivity_ratios: tuple[float, ...]
+    sensitivity_images: int  # test images per point of the scan
+    finetune_lr: float = 0.01  # peak learning rate of a fine-tune (lower than training from scratch)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SIZES: dict[str, PruneSizes] = {
+    # CI: every step runs, on a handful of images (the smoke models are near chance anyway).
+    "smoke": PruneSizes(
+        sparsities=(0.5, 0.9), finetune_images=256, finetune_epochs=1,
+        student_ratios=(0.5,), teacher_ratio=0.35, teacher_finetune_images=64, teacher_finetune_epochs=1,
+        teacher_eval_images=128, iterative_steps=2,
+        sensitivity_layers=3, sensitivity_ratios=(0.5, 0.9), sensitivity_images=128,
+    ),
+    # A live session on 2 CPU cores: ~4k-image fine-tunes; the pruned teacher is scored on 2,000 images.
+    "workshop": PruneSizes(
+        sparsities=(0.5, 0.7, 0.8, 0.9, 0.95), finetune_images=4096, finetune_epochs=1,
+        student_ratios=(0.25, 0.5), teacher_ratio=0.35, teacher_finetune_images=2048, teacher_finetune_epochs=1,
+        teacher_eval_images=2000, iterative_steps=2,
+        sensitivity_layers=6, sensitivity_ratios=(0.25, 0.5, 0.75), sensitivity_images=1000,
+    ),
+    # Headline figures: fine-tunes on the whole training split (a GPU makes them minutes).
+    "full": PruneSizes(
+        sparsities=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98), finetune_images=None, finetune_epochs=2,
+        student_ratios=(0.25, 0.5), teacher_ratio=0.35, teacher_finetune_images=None, teacher_finetune_epochs=3,
+        teacher_eval_images=None, iterative_steps=3,
+        sensitivity_layers=8, sensitivity_ratios=(0.25, 0.5, 0.75), sensitivity_images=2000,
+    ),
+}
+
+
+def sizes_for(profile_name: str) -> PruneSizes:
+    """The :class:`PruneSizes` of a profile (``smoke``, ``workshop`` or ``full``)."""
+    if profile_name not in SIZES:
+        raise ValueError(f"no pruning sizes for profile {profile_name!r}: choose one of {', '.join(SIZES)}")
+    return SIZES[profile_name]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_amount(amount: float, *, what: str = "sparsity", allow_zero: bool = True) -> float:
+    """Validate a pruning fraction: a number in [0, 1). 1 would remove every weight or channel.
+
+    0 is a valid no-op (the dense baseline) unless ``allow_zero`` is False.
+    """
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise TypeError(f"{what} must be a number in [0, 1), got {type(amount).__name__} {amount!r}")
+    amount = float(amount)
+    if not math.isfinite(amount) or amount < 0:
+        raise ValueError(f"{what} must be in [0, 1), got {amount}")
+    if amount >= 1:
+        raise ValueError(
+            f"{what}={amount} would remove every weight (or channel) and leave a model that predicts a constant; "
+            f"use a fraction below 1, e.g. 0.9"
+        )
+    if amount == 0 and not allow_zero:
+        raise ValueError(f"{what}=0 prunes nothing; pass a fraction in (0, 1)")
+    return amount
+
+
+# --------------------------------------------------------------------------- unstructured
+
+
+def prunable_parameters(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(module, "weight")`` for every Conv2d and Linear: the weights that global pruning ranks."""
+    params = [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE)]
+    if not params:
+        raise ValueError("the model has no Conv2d or Linear layers to prune")
+    return params
+
+
+def global_magnitude_prune(model: nn.Module, amount: float) -> nn.Module:
+    """Zero the ``amount`` fraction of smallest-magnitude conv/linear weights, ranked over the whole model.
+
+    Uses ``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``; the pruned weights
+    become ``weight_orig * weight_mask`` (so fine-tuning keeps them at zero) until
+    :func:`make_permanent`. Works in place and returns the model.
+    """
+    amount = check_amount(amount)
+    prune.global_unstructured(prunable_parameters(model), pruning_method=prune.L1Unstructured, amount=amount)
+    return model
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """``prune.remove`` on every pruned parameter: masks are folded into plain dense weights."""
+    for module in model.modules():
+        for name in [k[: -len("_orig")] for k, _ in list(module.named_parameters(recurse=False)) if k.endswith("_orig")]:
+            prune.remove(module, name)
+    return model
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """Zeros among the prunable (conv and linear) weights, overall and per layer."""
+
+    zeros: int
+    total: int
+    per_layer: dict[str, float]
+
+    @property
+    def fraction(self) -> float:
+        return self.zeros / self.total if self.total else 0.0
+
+
+def sparsity(model: nn.Module) -> Sparsity:
+    """Count exact zeros in every Conv2d/Linear weight (works before and after ``prune.remove``)."""
+    zeros = total = 0
+    per_layer = {}
+    for name, m in model.named_modules():
+        if isinstance(m, PRUNABLE):
+            w = m.weight  # with a pruning mask in place this is weight_orig * weight_mask
+            z = int((w == 0).sum())
+            zeros, total = zeros + z, total + w.numel()
+            per_layer[name] = z / w.numel()
+    if total == 0:
+        raise ValueError("the model has no Conv2d or Linear weights")
+    return Sparsity(zeros, total, per_layer)
+
+
+def _state_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    return buf.getvalue()
+
+
+def storage_sizes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the weights stored three ways: dense, dense + gzip, and sparse (CSR) + dense rest.
+
+    ``dense``: ``torch.save(state_dict)``, what ships by default -- zeros cost 4 bytes like any float.
+    ``gzip``: the same bytes compressed (zeros compress well; the model must be unzipped to run).
+    ``sparse_csr``: every conv/linear weight as a CSR matrix (values + int64 column indices, i.e.
+    ~12 bytes per non-zero instead of 4 per weight), so it only wins above ~2/3 sparsity.
+    Call on a model after :func:`make_permanent` (or one that was never pruned).
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if any(k.endswith("_orig") or k.endswith("_mask") for k in state):
+        raise RuntimeError("the model still carries pruning masks (weight_orig/weight_mask): call make_permanent(model) first")
+    dense = _state_bytes(state)
+    weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": we only measure bytes here
+        warnings.simplefilter("ignore", UserWarning)
+        sparse = {k: (v.flatten(1).to_sparse_csr() if k in weights else v) for k, v in state.items()}
+    return {"dense": len(dense), "gzip": len(gzip.compress(dense, compresslevel=6)), "sparse_csr": len(_state_bytes(sparse))}
+
+
+# --------------------------------------------------------------------------- structured
+
+
+def classifier(model: nn.Module) -> nn.Linear:
+    """The final Linear layer: its 10 outputs are the classes and must never be pruned."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no Linear classifier")
+    return linears[-1]
+
+
+def macs_and_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """Multiply-accumulates for one forward pass of ``example`` and the parameter count (torch-pruning's counter)."""
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    return int(macs), int(params)
+
+
+def scan_layers(model: nn.Module, n: int) -> list[str]:
+    """Up to ``n`` convolutions, evenly spread over the depth, whose output channels can be pruned alone.
+
+    For MobileNetV2 these are the 1x1 expansion convolutions of the inverted-residual blocks, for
+    ResNet50 the first 1x1 convolution of each bottleneck: their channels feed only the next
+    convolution of the same block, never a residual addition.
+    """
+    if n < 1:
+        raise ValueError(f"scan at least one layer, got n={n}")
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
+             and (name.endswith("conv.0.0") and m.groups == 1 or (name.startswith("layer") and name.endswith(".conv1")))]
+    if not names:
+        raise ValueError("found no block-internal convolutions to scan (expected MobileNetV2 or ResNet)")
+    if len(names) <= n:
+        return names
+    return [names[round(i * (len(names) - 1) / (n - 1))] for i in range(n)] if n > 1 else [names[len(names) // 2]]
+
+
+def prune_layer_channels(model: nn.Module, layer: str, ratio: float, example: torch.Tensor) -> int:
+    """Remove the ``ratio`` fraction of ``layer``'s output channels with the smallest L1 norm, in place.
+
+    Uses torch-pruning's dependency graph: the group it returns also shrinks the BatchNorm after
+    the layer and the input channels of every consumer. Returns the number of channels removed.
+    """
+    import torch_pruning as tp
+
+    ratio = check_amount(ratio, what="pruning ratio")
+    conv = model.get_submodule(layer)
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"{layer} is a {type(conv).__name__}, not a Conv2d")
+    k = int(ratio * conv.out_channels)
+    if k == 0:
+        return 0
+    idxs = conv.weight.detach().abs().flatten(1).sum(1).argsort()[:k].tolist()
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=idxs)
+    if not dg.check_pruning_group(group):
+        raise RuntimeError(f"pruning {k} channels of {layer} would leave a layer with no channels; use a smaller ratio")
+    group.prune()
+    return k
+
+
+def sensitivity_scan(model: nn.Module, layers: Iterable[str], ratios: Iterable[float], example: torch.Tensor,
+                     score: Callable[[nn.Module], float]) -> dict[str, dict[float, float]]:
+    """Accuracy (``score(model)``) when each layer alone is channel-pruned at each ratio (no fine-tune)."""
+    out: dict[str, dict[float, float]] = {}
+    for layer in layers:
+        out[layer] = {}
+        for r in ratios:
+            m = copy.deepcopy(model).eval()
+            prune_layer_channels(m, layer, r, example)
+            out[layer][r] = score(m)
+    return out
+
+
+def ratios_from_scan(scan: Mapping[str, Mapping[float, float]], baseline: float, max_drop: float) -> dict[str, float]:
+    """Per layer, the largest scanned ratio whose accuracy stays within ``max_drop`` of ``baseline`` (0 if none)."""
+    if max_drop < 0:
+        raise ValueError(f"max_drop is an accuracy loss >= 0, got {max_drop}")
+    return {layer: max([r for r, acc in per.items() if baseline - acc <= max_drop], default=0.0) for layer, per in scan.items()}
+
+
+def plot_sensitivity(scan: Mapping[str, Mapping[float, float]], baseline: float, title: str = ""):
+    """One line per layer: accuracy (%) against the fraction of its channels removed."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for layer, per in scan.items():
+        rs = sorted(per)
+        ax.plot([0.0, *rs], [100 * baseline, *(100 * per[r] for r in rs)], marker="o", label=layer)
+    ax.set_xlabel("fraction of the layer's output channels removed (no fine-tune)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "sensitivity of each layer to channel pruning", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- save / load a pruned model
+
+
+def channel_config(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The shape of every Conv2d, BatchNorm2d and Linear: all that differs after channel pruning."""
+    cfg: dict[str, dict[str, int]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            cfg[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+        elif isinstance(m, nn.BatchNorm2d):
+            cfg[name] = {"features": m.num_features}
+        elif isinstance(m, nn.Linear):
+            cfg[name] = {"in": m.in_features, "out": m.out_features}
+    return cfg
+
+
+def apply_channel_config(model: nn.Module, cfg: Mapping[str, Mapping[str, int]]) -> nn.Module:
+    """Rebuild the layers of a fresh ``models.build()`` model at the shapes in ``cfg`` (in place).
+
+    Only plain ints from a JSON file are used, so loading never unpickles code.
+    """
+    layers = dict(model.named_modules())
+    if set(cfg) - set(layers):
+        raise ValueError(f"channel configuration names layers this architecture lacks: {sorted(set(cfg) - set(layers))[:3]}")
+    for name, shape in cfg.items():
+        old = layers[name]
+        if isinstance(old, nn.Conv2d):
+            new = nn.Conv2d(shape["in"], shape["out"], old.kernel_size, old.stride, old.padding, old.dilation,
+                            shape["groups"], bias=old.bias is not None, padding_mode=old.padding_mode)
+        elif isinstance(old, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(shape["features"], eps=old.eps, momentum=old.momentum, affine=old.affine)
+        elif isinstance(old, nn.Linear):
+            new = nn.Linear(shape["in"], shape["out"], bias=old.bias is not None)
+        else:
+            raise ValueError(f"{name} is a {type(old).__name__}; the configuration expects a Conv2d, BatchNorm2d or Linear")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
+
+
+def save_pruned(model: nn.Module, folder: Path, name: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """Save a channel-pruned model as a plain ``state_dict`` plus a JSON file with its channel configuration.
+
+    ``meta`` must name ``arch`` and ``profile``. The JSON also holds the data hash, library
+    versions and the sha256 of the weights, which :func:`load_pruned` checks.
+    """
+    for key in ("arch", "profile"):
+        if key not in meta:
+            raise ValueError(f"meta must include {key!r}")
+    if name in models.ROLES:
+        raise ValueError(f"refusing to overwrite the course checkpoint {name!r}: pick a lesson-specific name")
+    pt, js = models.checkpoint_paths(folder, name)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(pt) as tmp:
+        torch.save(state, tmp)
+        digest = sha256_file(tmp)
+    full = {
+        "name": name, **meta, "format": "state_dict + channel_config", "channel_config": channel_config(model),
+        "data_sha256": data.DATA_SHA256, "versions": models.library_versions(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "file": pt.name, "size_bytes": pt.stat().st_size, "sha256": digest,
+    }
+    atomic_write_json(js, full)
+    return full
+
+
+def load_pruned(folder: Path, name: str, *, profile: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a model saved by :func:`save_pruned` after checking its sha256, profile and data hash."""
+    pt, js = models.checkpoint_paths(folder, name)
+    meta = models.read_metadata(folder, name)
+    fix = "rerun notebooks/02_pruning.ipynb to rebuild it"
+    if meta is None or not pt.is_file():
+        raise models.CheckpointError(f"no complete pruned model {name!r} in {folder} (need {pt.name} and {js.name}); {fix}")
+    problems = []
+    if meta.get("profile") != profile:
+        problems.append(f"it was built for profile {meta.get('profile')!r}, not {profile!r}")
+    if meta.get("data_sha256") != data.DATA_SHA256:
+        problems.append("it was trained on different data (data hash differs)")
+    if "channel_config" not in meta:
+        problems.append("its metadata has no channel_config")
+    actual = sha256_file(pt)
+    if meta.get("sha256") != actual:
+        problems.append(f"its sha256 is {actual[:12]}..., the metadata says {str(meta.get('sha256'))[:12]}... (corrupt or replaced)")
+    if problems:
+        raise models.CheckpointError(f"refusing pruned model {pt}: " + "; ".join(problems) + f". To fix: {fix}")
+    model = apply_channel_config(models.build(meta["arch"]), meta["channel_config"])
+    model.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True))
+    return model.eval(), meta
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+MIN_FINETUNE_STEPS = 5
+
+
+def finetune_batch_size(images: int, epochs: int) -> int:
+    """A batch size (8 to 128) that gives a short fine-tune at least ~8 optimiser steps.
+
+    ``train.fit``'s one-cycle schedule needs several steps: with one step its learning rate is
+    ~0 (nothing is learnt), with exactly four PyTorch's ``OneCycleLR`` divides by zero.
+    """
+    if epochs < 1:
+        raise ValueError(f"a fine-tune needs at least one epoch, got {epochs}")
+    batch_size = max(8, min(128, images * epochs // 8))
+    if epochs * math.ceil(images / batch_size) < MIN_FINETUNE_STEPS:
+        raise ValueError(f"{images} images x {epochs} epoch(s) make fewer than {MIN_FINETUNE_STEPS} optimiser steps; "
+                         f"fine-tune on at least {8 * MIN_FINETUNE_STEPS} images")
+    return batch_size
+
+
+def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, augment: bool,
+             desc: str = "fine-tune") -> nn.Module:
+    """A short fine-tune with the course's training loop, at a lower peak learning rate.
+
+    Pruning masks (``weight_orig * weight_mask``) stay in place, so pruned weights stay zero.
+    ``train.fit`` trains in channels-last memory format; the model comes back in the default
+    (contiguous) format so that every variant is benchmarked alike.
+    """
+    from .train import Recipe, fit
+
+    batch_size = finetune_batch_size(len(x), epochs)
+    fit(model, x, y, Recipe(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment), desc=desc)
+    return model.to(memory_format=torch.contiguous_format).eval()

@@ -1,0 +1,198 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deploylab import distill, models, train
+from deploylab.config import PROFILES
+
+LN3 = math.log(3.0)
+# student uniform over 2 classes, teacher (0.75, 0.25): KL = 0.75 ln 1.5 + 0.25 ln 0.5
+KL_KNOWN = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # 0.130812...
+
+
+def test_known_values_with_temperature_and_alpha():
+    s = torch.zeros(1, 2)
+    t = torch.tensor([[2 * LN3, 0.0]])  # at T=2: softmax(t / 2) = (0.75, 0.25)
+    y = torch.tensor([0])
+    soft_only = distill.kd_loss(s, t, y, temperature=2.0, alpha=1.0)
+    assert soft_only.item() == pytest.approx(4 * KL_KNOWN, rel=1e-6)  # scaled by T^2 = 4
+    assert KL_KNOWN == pytest.approx(0.130812, abs=1e-6)
+    hard_only = distill.kd_loss(s, t, y, temperature=2.0, alpha=0.0)
+    assert hard_only.item() == pytest.approx(math.log(2.0), rel=1e-6)
+    mixed = distill.kd_loss(s, t, y, temperature=2.0, alpha=0.5)
+    assert mixed.item() == pytest.approx(0.5 * 4 * KL_KNOWN + 0.5 * math.log(2.0), rel=1e-6)  # 0.608198
+    assert mixed.item() == pytest.approx(0.608198, abs=1e-5)
+
+
+def test_t1_is_cross_entropy_on_soft_labels():
+    torch.manual_seed(0)
+    s = torch.randn(8, 10, requires_grad=True)
+    t = torch.randn(8, 10) * 3
+    y = torch.randint(0, 10, (8,))
+    p = t.softmax(1)
+    kd = distill.kd_loss(s, t, y, temperature=1.0, alpha=1.0)
+    ce_soft = F.cross_entropy(s, p)  # cross-entropy with probability targets
+    entropy = -(p * p.log()).sum(1).mean()
+    # KL = CE(soft labels) - H(teacher): equal up to a constant that does not depend on the student
+    assert kd.item() == pytest.approx((ce_soft - entropy).item(), abs=1e-5)
+    g_kd, = torch.autograd.grad(kd, s)
+    g_ce, = torch.autograd.grad(F.cross_entropy(s, p), s)
+    assert torch.allclose(g_kd, g_ce, atol=1e-6)
+
+
+def test_alpha_zero_is_plain_cross_entropy_and_loss_is_zero_when_student_equals_teacher():
+    torch.manual_seed(1)
+    s, y = torch.randn(5, 10), torch.randint(0, 10, (5,))
+    assert distill.kd_loss(s, torch.randn(5, 10), y, alpha=0.0).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+    assert distill.kd_loss(s, s.clone(), y, temperature=3.0, alpha=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distill.kd_loss(s, torch.randn(5, 10), y, temperature=3.0, alpha=1.0).item() > 0.01
+
+
+def test_bf16_logits_give_an_fp32_scalar():
+    s = torch.randn(4, 10).bfloat16()
+    out = distill.kd_loss(s, torch.randn(4, 10), torch.zeros(4, dtype=torch.long))
+    assert out.shape == () and out.dtype == torch.float32 and torch.isfinite(out)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"alpha": 1.5}, "alpha"), ({"alpha": -0.1}, "alpha"), ({"alpha": math.nan}, "alpha"),
+    ({"temperature": 0.0}, "temperature"), ({"temperature": -2.0}, "temperature"), ({"temperature": math.inf}, "temperature"),
+])
+def test_bad_alpha_or_temperature_raise(kwargs, match):
+    s = torch.zeros(2, 10)
+    with pytest.raises(ValueError, match=match):
+        distill.kd_loss(s, s, torch.zeros(2, dtype=torch.long), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        distill.DistillationLoss(**kwargs)
+
+
+def test_non_numeric_hyperparameters_raise_type_error():
+    with pytest.raises(TypeError, match="alpha"):
+        distill.DistillationLoss(alpha="0.9")
+    with pytest.raises(TypeError, match="temperature"):
+        distill.DistillationLoss(temperature=None)
+
+
+def test_shape_mismatches_raise():
+    s, y = torch.zeros(4, 10), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="same shape"):
+        distill.kd_loss(s, torch.zeros(4, 9), y)
+    with pytest.raises(ValueError, match="labels"):
+        distill.kd_loss(s, s, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch, classes"):
+        distill.kd_loss(torch.zeros(10), torch.zeros(10), y)
+
+
+def test_pack_unpack_roundtrip_and_errors():
+    t = torch.randn(6, 10)
+    y = torch.tensor([0, 9, 3, 3, 1, 7])
+    packed = distill.pack_targets(t, y)
+    assert packed.shape == (6, 11) and packed.dtype == torch.float32
+    t2, y2 = distill.unpack_targets(packed)
+    assert torch.equal(t2, t) and torch.equal(y2, y) and y2.dtype == torch.int64
+    with pytest.raises(ValueError, match="same N"):
+        distill.pack_targets(t, y[:5])
+    with pytest.raises(TypeError, match="integer"):
+        distill.pack_targets(t, y.float())
+    with pytest.raises(ValueError, match="pack_targets"):
+        distill.unpack_targets(y)
+
+
+def test_distillation_loss_matches_kd_loss_and_counts():
+    torch.manual_seed(2)
+    s, t, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))
+    fn = distill.DistillationLoss(temperature=2.0, alpha=0.7)
+    got = fn(s, distill.pack_targets(t, y))
+    assert got.item() == pytest.approx(distill.kd_loss(s, t, y, temperature=2.0, alpha=0.7).item(), rel=1e-6)
+    summary = fn.summary()
+    assert summary["train_accuracy"] == pytest.approx((s.argmax(1) == y).float().mean().item())
+    assert summary["teacher_agreement"] == pytest.approx((s.argmax(1) == t.argmax(1)).float().mean().item())
+
+
+def test_fit_trains_with_packed_targets():
+    """train.fit batches packed targets like labels: the student learns to imitate a fixed teacher."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 1, 32, 32)
+    teacher_logits = torch.zeros(256, 10)
+    teacher_logits[:, 3] = 8.0  # a teacher that always says class 3
+    y = torch.full((256,), 3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 10))
+    loss = distill.DistillationLoss(temperature=2.0, alpha=0.9)
+    hist = train.fit(model, x, distill.pack_targets(teacher_logits, y), train.Recipe(epochs=3, batch_size=64, augment=False),
+                     loss_fn=loss, device=torch.device("cpu"))
+    assert hist["loss"][-1] < hist["loss"][0]
+    assert (train.predict(model, x).argmax(1) == 3).float().mean() > 0.9
+
+
+def test_label_subset_and_teacher_labels():
+    m0, m1 = distill.label_subset(1000, 0.1, seed=0), distill.label_subset(1000, 0.1, seed=1)
+    assert m0.dtype == torch.bool and m0.sum() == 100 and not torch.equal(m0, m1)
+    assert torch.equal(m0, distill.label_subset(1000, 0.1, seed=0))
+    assert distill.label_subset(5, 0.01, seed=0).sum() == 1
+    with pytest.raises(ValueError):
+        distill.label_subset(10, 0.0, seed=0)
+    y = torch.tensor([1, 1, 1])
+    t = torch.tensor([[9.0, 0, 0], [0, 0, 9.0], [0, 9.0, 0]])
+    out = distill.teacher_labels(y, t, torch.tensor([True, False, False]))
+    assert out.tolist() == [1, 2, 1]
+
+
+def test_macs_of_known_layers_and_the_student():
+    conv = torch.nn.Conv2d(2, 4, 3, padding=1, bias=False)  # 4 out x 8x8 positions x (2 x 3 x 3)
+    assert distill.count_macs(conv, torch.zeros(1, 2, 8, 8)) == 4 * 64 * 18
+    dw = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)  # depthwise: 4 x 64 x 9
+    assert distill.count_macs(dw, torch.zeros(1, 4, 8, 8)) == 4 * 64 * 9
+    x = torch.zeros(1, 1, 32, 32)
+    student, teacher = models.build("mobilenet_v2"), models.build("resnet50")
+    s, t = distill.count_macs(student, x), distill.count_macs(teacher, x)
+    # stride-1 stems at 32x32: MobileNetV2 ~24 M MACs, ResNet50 ~1.3 G (torch-pruning's counter, which
+    # also counts BatchNorm, gives 25.5 M and 1.31 G)
+    assert 20e6 < s < 30e6 and 1.2e9 < t < 1.4e9
+
+
+def test_gain_summary():
+    g = distill.gain_summary([1.0, 3.0])
+    assert (g["mean"], g["min"], g["max"], g["n"]) == (2.0, 1.0, 3.0, 2)
+    assert g["std"] == pytest.approx(math.sqrt(2.0))
+    with pytest.raises(ValueError):
+        distill.gain_summary([])
+
+
+def test_sizes_exist_for_every_profile_and_have_two_seeds():
+    for name in PROFILES:
+        s = distill.sizes_for(name)
+        assert len(set(s.seeds)) >= 2 and 0 < s.label_fraction < 1 and s.few_label_epochs >= 1
+    with pytest.raises(ValueError, match="smoke, workshop, full"):
+        distill.sizes_for("huge")
+
+
+def test_sweep_plot_has_one_line_per_alpha():
+    rows = [{"temperature": T, "alpha": a, "val_accuracy": 0.5} for T in (1.0, 4.0) for a in (0.5, 0.9)]
+    fig = distill.plot_sweep(rows, baseline=0.4)
+    assert len(fig.axes[0].get_lines()) == 3
+
+
+def test_matched_epochs_give_the_same_number_of_steps():
+    assert distill.matched_epochs(2, 12_000, 1_200) == 19  # 2 x 94 steps = 188 = ~19 x 10 steps
+    assert distill.matched_epochs(1, 1024, 102) == 8  # 8 steps over 1 batch of 102
+    assert distill.matched_epochs(3, 100, 100) == 3
+    with pytest.raises(ValueError):
+        distill.matched_epochs(1, 10, 20)
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_every_run_of_the_lesson_has_enough_steps_for_one_cycle(name):
+    """train.fit's OneCycleLR (pct_start 0.25) divides by zero below 5 optimiser steps."""
+    p, s = PROFILES[name], distill.sizes_for(name)
+    n_train = p.train_images or 55_000
+    n_sweep = min(s.sweep_train_images or n_train, n_train)
+    n_labeled = max(1, round(s.label_fraction * n_train))
+    steps = {
+        "sweep": s.sweep_epochs * math.ceil(n_sweep / 128),
+        "few-label distilled": s.few_label_epochs * math.ceil(n_train / 128),
+        "few-label scratch": distill.matched_epochs(s.few_label_epochs, n_train, n_labeled) * math.ceil(n_labeled / 128),
+        "all-label distilled": p.student_epochs * math.ceil(n_train / 128),
+    }
+    assert min(steps.values()) >= 5, steps

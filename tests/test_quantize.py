@@ -1,0 +1,151 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from deploylab import config, data, quantize
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
+def test_sizes_exist_for_every_profile():
+    assert set(quantize.SIZES) == set(config.PROFILES)
+    for name, s in quantize.SIZES.items():
+        assert s.name == name and s.qat_steps >= 1 and s.keep_float >= 1
+        assert all(n >= 1 for n in s.calibration_sweep)
+    assert quantize.sizes_for("smoke") is quantize.SIZES["smoke"]
+
+
+def test_calibration_without_images_is_a_clear_error():
+    prepared = small_cnn()
+    with pytest.raises(ValueError, match="no images"):
+        quantize.calibrate(prepared, [])
+    with pytest.raises(ValueError, match="no images"):
+        quantize.calibrate(prepared, quantize.batches_of(torch.zeros(0, 1, 8, 8), 4))
+
+
+def test_calibration_counts_images_and_rejects_non_tensors():
+    seen = []
+    model = nn.Identity()
+    model.register_forward_hook(lambda m, a, o: seen.append(len(a[0])))
+    assert quantize.calibrate(model, quantize.batches_of(torch.zeros(10, 1, 4, 4), 4)) == 10
+    assert seen == [4, 4, 2]
+    with pytest.raises(TypeError):
+        quantize.calibrate(model, [[1, 2, 3]])
+
+
+def test_unsupported_layer_is_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LSTM(4, 4))
+    with pytest.raises(quantize.UnsupportedLayerError, match=r"2 \(LSTM\)"):
+        quantize.check_quantizable(model)
+    with pytest.raises(TypeError):
+        quantize.check_quantizable("not a model")
+    quantize.check_quantizable(small_cnn())  # supported: no error
+
+
+def test_untie_relus_keeps_the_maths_and_makes_resnet_quantizable():
+    from deploylab import models
+
+    model = models.build("resnet50").eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        untied = quantize.untie_relus(model)
+        after = untied(x)
+    assert torch.allclose(before, after)
+    block = untied.layer1[0]
+    assert not hasattr(block, "relu") and block.relu1 is not block.relu2
+
+
+def test_predict_fixed_pads_to_one_shape():
+    shapes = []
+
+    def fn(x):
+        shapes.append(tuple(x.shape))
+        return x.flatten(1)[:, :3]
+
+    x = torch.arange(5 * 4, dtype=torch.float32).reshape(5, 1, 2, 2)
+    out = quantize.predict_fixed(fn, x, batch_size=2)
+    assert shapes == [(2, 1, 2, 2)] * 3
+    assert torch.equal(out, x.flatten(1)[:, :3])
+    with pytest.raises(ValueError):
+        quantize.predict_fixed(fn, x[:0])
+
+
+def test_evenly_spaced():
+    items = [str(i) for i in range(10)]
+    assert quantize.evenly_spaced(items, 3) == ["0", "4", "9"] or quantize.evenly_spaced(items, 3) == ["0", "5", "9"]
+    assert quantize.evenly_spaced(items, None) == items
+    assert quantize.evenly_spaced(items, 20) == items
+    with pytest.raises(ValueError):
+        quantize.evenly_spaced(items, 0)
+
+
+def test_macs_count_conv_and_linear():
+    macs = quantize.macs_by_layer_type(small_cnn(), torch.zeros(1, 1, 8, 8))
+    assert macs == {"Conv2d": 8 * 8 * 8 * 9, "Linear": 8 * 10}
+
+
+def test_sensitivity_runs_on_real_images_and_ranks_layers():
+    x, y = data.tensors("test", 64)
+    model = small_cnn()
+    out = quantize.layer_sensitivity(model, x, y, data.calibration_set(16))
+    assert set(out) == {"0", "5"} and all(0.0 <= a <= 1.0 for a in out.values())
+    with pytest.raises(ValueError):
+        quantize.layer_sensitivity(model, x, y, data.calibration_set(16), ["nope"])
+
+
+def test_static_ptq_save_load_and_refuse_tampering(tmp_path):
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    model = small_cnn()
+    calib = data.calibration_set(8)
+    exported = quantize.export_for_quantization(model, calib)
+    quantizer = X86InductorQuantizer()
+    quantizer.set_global(get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    assert quantize.calibrate(prepared, quantize.batches_of(calib, 4)) == 8
+    converted = quantize.allow_eval(convert_pt2e(prepared))
+    with torch.no_grad():
+        ref = converted(calib)
+    meta = quantize.save_program(converted, calib, tmp_path, "tiny_int8", {"profile": "smoke"})
+    assert (tmp_path / "tiny_int8.pt2").stat().st_size == meta["size_bytes"]
+    loaded, meta2 = quantize.load_program(tmp_path, "tiny_int8", profile="smoke")
+    with torch.no_grad():
+        assert torch.allclose(loaded(calib), ref, atol=1e-5)
+    assert meta2["sha256"] == meta["sha256"] and meta2["data_sha256"] == data.DATA_SHA256
+    with pytest.raises(quantize.QuantizationError, match="profile"):
+        quantize.load_program(tmp_path, "tiny_int8", profile="full")
+    path = tmp_path / "tiny_int8.pt2"
+    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(quantize.QuantizationError, match="sha256"):
+        quantize.load_program(tmp_path, "tiny_int8", profile="smoke")
+    with pytest.raises(quantize.QuantizationError, match="no complete"):
+        quantize.load_program(tmp_path, "missing", profile="smoke")
+    with pytest.raises(ValueError):
+        quantize.save_program(converted, calib, tmp_path, "student", {"profile": "smoke"})
+    assert json.loads((tmp_path / "tiny_int8.json").read_text())["file"] == "tiny_int8.pt2"
+
+
+def test_export_rejects_a_single_image_example():
+    with pytest.raises(ValueError, match="N>=2"):
+        quantize.export_for_quantization(small_cnn(), torch.zeros(1, 1, 8, 8))
+
+
+def test_qat_finetune_checks_its_inputs():
+    with pytest.raises(ValueError):
+        quantize.qat_finetune(small_cnn(), torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), steps=0, batch_size=2, lr=0.1)
+
+
+def test_target_line():
+    assert quantize.target_line("x", ">= 2", "3", True) == "x: target >= 2 | measured 3 | met"
+    assert quantize.target_line("x", ">= 2", "1", False, "slow CPU").endswith("MISSED -- slow CPU")
