@@ -37,7 +37,7 @@ class Asset:
 def recipe_for(role: str, profile: Profile) -> Recipe:
     """The training recipe of ``role`` ('teacher' or 'student') in ``profile``."""
     epochs = {"teacher": profile.teacher_epochs, "student": profile.student_epochs}[role]
-    return Recipe(epochs=epochs, augment=profile.augment)
+    return Recipe(epochs=epochs, batch_size=profile.batch_size, augment=profile.augment)
 
 
 def _train(role: str, profile: Profile) -> tuple[nn.Module, dict[str, Any]]:
@@ -139,7 +139,7 @@ def logits(role: str, split: str = "test", profile: Profile | str | None = None,
     if path.is_file():
         return torch.load(path, weights_only=True)
     x, _ = data.tensors(split, limit)
-    out = predict(asset.model, x)
+    out = predict(asset.model, x, device=config.device())  # the GPU where there is one: 55,000 images on a CPU take long
     with atomic_path(path) as tmp:
         torch.save(out, tmp)
     return out

@@ -32,6 +32,7 @@ class Profile:
     test_images: int | None  # images of the test set used to measure accuracy
     teacher_epochs: int
     student_epochs: int
+    batch_size: int  # training batch; small in smoke so that BatchNorm statistics settle in few images
     calibration_images: int  # for static quantization in later lessons
     bench_warmup: int  # untimed calls before measuring each variant
     bench_rounds: int  # interleaved rounds (A B C A B C ...)
@@ -49,7 +50,8 @@ PROFILES: dict[str, Profile] = {
         train_images=1024,
         test_images=512,
         teacher_epochs=1,
-        student_epochs=1,
+        student_epochs=3,
+        batch_size=32,
         calibration_images=32,
         bench_warmup=2,
         bench_rounds=2,
@@ -63,6 +65,7 @@ PROFILES: dict[str, Profile] = {
         test_images=None,
         teacher_epochs=2,
         student_epochs=6,
+        batch_size=128,
         calibration_images=256,
         bench_warmup=5,
         bench_rounds=5,
@@ -76,6 +79,7 @@ PROFILES: dict[str, Profile] = {
         test_images=None,
         teacher_epochs=10,
         student_epochs=10,
+        batch_size=128,
         calibration_images=1024,
         bench_warmup=10,
         bench_rounds=10,

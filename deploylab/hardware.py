@@ -57,6 +57,9 @@ def hardware_report() -> dict:
         "cpu_flags": {f: f in flags for f in REPORTED_FLAGS},
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
+        # 1-minute load average when the report was taken: other work on the machine slows every
+        # variant of an interleaved comparison alike, but inflates all absolute latencies.
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "gpu": gpu,
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -71,7 +74,7 @@ def format_report(report: dict | None = None) -> str:
     lines = [
         f"CPU: {r['cpu']} ({r['machine']}), {r['usable_cores']} usable of {r['logical_cores']} logical cores",
         f"CPU extensions: {', '.join(present)}; PyTorch kernels: {r['torch_cpu_capability']}",
-        f"PyTorch threads: {r['torch_threads']}",
+        f"PyTorch threads: {r['torch_threads']}; load average (1 min) now: {r.get('load_average_1min')}",
         f"GPU: {r['gpu']['name'] + ' (' + str(r['gpu']['memory_gib']) + ' GiB)' if r['gpu'] else 'none'}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
     ]

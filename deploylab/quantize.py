@@ -51,7 +51,6 @@ class QuantSizes:
 
     name: str
     calibration_sweep: tuple[int, ...]  # calibration images tried for the student
-    student_eval_images: int | None  # test images for the student variants (None: all 10,000)
     teacher_eval_images: int | None  # test images for the INT8 teacher (ResNet50 is slow on 2 cores)
     qat_steps: int  # optimisation steps of the quantization-aware fine-tune
     qat_batch_size: int
@@ -65,13 +64,13 @@ class QuantSizes:
 
 
 SIZES: dict[str, QuantSizes] = {
-    "smoke": QuantSizes("smoke", calibration_sweep=(8, 32), student_eval_images=512, teacher_eval_images=128,
+    "smoke": QuantSizes("smoke", calibration_sweep=(8, 32), teacher_eval_images=128,
                         qat_steps=4, qat_batch_size=32, qat_lr=1e-4, sensitivity_images=128,
                         sensitivity_layers=6, keep_float=2),
-    "workshop": QuantSizes("workshop", calibration_sweep=(16, 64, 256), student_eval_images=None,
+    "workshop": QuantSizes("workshop", calibration_sweep=(16, 64, 256),
                            teacher_eval_images=2000, qat_steps=100, qat_batch_size=64, qat_lr=1e-4,
-                           sensitivity_images=1000, sensitivity_layers=None, keep_float=3),
-    "full": QuantSizes("full", calibration_sweep=(32, 128, 512, 1024), student_eval_images=None,
+                           sensitivity_images=500, sensitivity_layers=20, keep_float=3),
+    "full": QuantSizes("full", calibration_sweep=(32, 128, 512, 1024),
                        teacher_eval_images=None, qat_steps=400, qat_batch_size=128, qat_lr=1e-4,
                        sensitivity_images=2000, sensitivity_layers=None, keep_float=3),
 }
@@ -328,8 +327,29 @@ def evenly_spaced(items: list[str], k: int | None) -> list[str]:
     return [items[round(i * step)] for i in range(k)]
 
 
+def drop_unused_attributes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove parameters and buffers the graph no longer reads (in place; returns ``gm``).
+
+    ``convert_pt2e`` folds each weight into a new INT8 constant but leaves the original fp32
+    parameter registered on the module; ``torch.export`` would save it too, and the "INT8" file would
+    be larger than the fp32 checkpoint (measured: 14.3 MB against 9.2 MB for the student).
+    """
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [k for k, _ in list(gm.named_parameters()) + list(gm.named_buffers())]:
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
+    gm.delete_all_unused_submodules()
+    return gm
+
+
 def program_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    """A converted (or any exportable) model as the bytes of ``torch.export.save`` -- the file you would ship."""
+    """A converted (or any exportable) model as the bytes of ``torch.export.save`` -- the file you would ship.
+
+    Attributes the graph does not use (the fp32 originals of folded INT8 weights) are left out.
+    """
+    if isinstance(model, torch.fx.GraphModule):
+        model = drop_unused_attributes(copy.deepcopy(model))
     ep = torch.export.export(model, (example,), dynamic_shapes=batch_dim())
     buf = io.BytesIO()
     torch.export.save(ep, buf)

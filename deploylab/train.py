@@ -86,6 +86,9 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, *,
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay, nesterov=True)
     steps = recipe.epochs * math.ceil(len(x) / recipe.batch_size)
+    if steps < 5:
+        raise ValueError(f"{steps} optimiser step(s) are too few for the one-cycle schedule (1 step: learning rate ~0; "
+                         f"4 steps: OneCycleLR divides by zero); train on more images or use a smaller batch_size")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=steps, pct_start=0.25)
     history: dict[str, list[float]] = {"loss": []}
     with tqdm(total=steps, desc=desc, unit="step") as bar:
@@ -107,10 +110,16 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, *,
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits of ``model`` for all of ``x``, computed in batches on the CPU in fp32."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: torch.device | None = None) -> torch.Tensor:
+    """Logits of ``model`` for all of ``x`` in fp32, computed in batches (on ``device`` if given; returned on the CPU)."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    if device is None:
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    model.to(device)
+    try:
+        return torch.cat([model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    finally:
+        model.cpu()
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
