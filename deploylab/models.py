@@ -119,6 +119,20 @@ def read_metadata(folder: Path, name: str) -> dict[str, Any] | None:
         raise CheckpointError(f"{js} is not valid JSON ({e}); delete it and rebuild with `deploylab prepare --force`") from e
 
 
+def artefact_problems(path: Path, meta: dict[str, Any], *, profile: str) -> list[str]:
+    """What disqualifies artefact ``path`` against its metadata: another profile, other data, a sha256
+    that differs (corrupt or replaced file). Empty when it may be used."""
+    problems = []
+    if meta.get("profile") != profile:
+        problems.append(f"it was built for profile {meta.get('profile')!r}, not {profile!r}")
+    if meta.get("data_sha256") != data.DATA_SHA256:
+        problems.append("it was made from different data (data hash differs)")
+    actual = sha256_file(path)
+    if meta.get("sha256") != actual:
+        problems.append(f"its sha256 is {actual[:12]}..., the metadata says {str(meta.get('sha256'))[:12]}... (corrupt or replaced)")
+    return problems
+
+
 def load_checkpoint(folder: Path, name: str, *, arch: str, profile: str) -> tuple[nn.Module, dict[str, Any]]:
     """Load checkpoint ``name``, after checking its sha256, profile, data hash and architecture."""
     pt, js = checkpoint_paths(folder, name)
@@ -128,16 +142,9 @@ def load_checkpoint(folder: Path, name: str, *, arch: str, profile: str) -> tupl
         raise CheckpointError(f"no metadata file {js}; {fix}")
     if not pt.is_file():
         raise CheckpointError(f"{js} exists but its weights {pt} are missing; {fix}")
-    problems = []
-    if meta.get("profile") != profile:
-        problems.append(f"it was built for profile {meta.get('profile')!r}, not {profile!r}")
+    problems = artefact_problems(pt, meta, profile=profile)
     if meta.get("arch") != arch:
         problems.append(f"it holds a {meta.get('arch')!r}, not a {arch!r}")
-    if meta.get("data_sha256") != data.DATA_SHA256:
-        problems.append("it was trained on different data (data hash differs)")
-    actual = sha256_file(pt)
-    if meta.get("sha256") != actual:
-        problems.append(f"its sha256 is {actual[:12]}..., the metadata says {str(meta.get('sha256'))[:12]}... (corrupt or replaced)")
     if problems:
         raise CheckpointError(f"refusing checkpoint {pt}: " + "; ".join(problems) + f". To fix: {fix}")
     model = build(arch)

@@ -33,6 +33,7 @@ from torch import nn
 from . import config, data
 from .config import Profile
 from .files import atomic_path, atomic_write_json, sha256_file
+from .models import artefact_problems, library_versions
 
 LESSON = "quantization"
 
@@ -362,7 +363,6 @@ def save_program(model: nn.Module, example: torch.Tensor, folder: Path, name: st
     Written to temporary files and renamed; the metadata comes last, so it only ever describes a
     complete program. Refuses the names of the course's fp32 checkpoints.
     """
-    from .models import library_versions
 
     if name in ("teacher", "student"):
         raise ValueError(f"{name!r} is the fp32 checkpoint's name; pick another (e.g. {name}_int8)")
@@ -387,14 +387,7 @@ def load_program(folder: Path, name: str, *, profile: str) -> tuple[nn.Module, d
     if not js.is_file() or not pt2.is_file():
         raise QuantizationError(f"no complete quantized program {pt2} + {js}; {fix}")
     meta = json.loads(js.read_text())
-    problems = []
-    if meta.get("profile") != profile:
-        problems.append(f"it was built for profile {meta.get('profile')!r}, not {profile!r}")
-    if meta.get("data_sha256") != data.DATA_SHA256:
-        problems.append("it was calibrated on different data (data hash differs)")
-    actual = sha256_file(pt2)
-    if meta.get("sha256") != actual:
-        problems.append(f"its sha256 is {actual[:12]}..., the metadata says {str(meta.get('sha256'))[:12]}... (corrupt or replaced)")
+    problems = artefact_problems(pt2, meta, profile=profile)
     if problems:
         raise QuantizationError(f"refusing {pt2}: " + "; ".join(problems) + f". To fix: {fix}")
     return torch.export.load(pt2).module(), meta
