@@ -363,7 +363,6 @@ def save_program(model: nn.Module, example: torch.Tensor, folder: Path, name: st
     Written to temporary files and renamed; the metadata comes last, so it only ever describes a
     complete program. Refuses the names of the course's fp32 checkpoints.
     """
-
     if name in ("teacher", "student"):
         raise ValueError(f"{name!r} is the fp32 checkpoint's name; pick another (e.g. {name}_int8)")
     folder = Path(folder)
