@@ -11,8 +11,9 @@ PYTEST_NB := --nbval-lax --nbval-current-env --nbval-cell-timeout=600
 setup:
 	@bash scripts/setup.sh
 
+# Bound to 127.0.0.1 with Jupyter's token; as root (containers, lab VMs) Jupyter needs --allow-root.
 lab: setup
-	$(BIN)/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir=notebooks
+	$(BIN)/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # Everything: unit tests, then every notebook under nbval, in the smoke profile.
 test: setup
