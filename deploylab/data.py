@@ -177,7 +177,7 @@ def preprocess(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     Accepts one image ``(28, 28)`` or a batch ``(N, 28, 28)`` (any square size works: it is resized
     to :data:`IMAGE_SIZE`). Returns ``float32`` of shape ``(N, 1, 32, 32)``, normalised.
     """
-    x = torch.as_tensor(np.asarray(images))
+    x = torch.from_numpy(np.array(images, copy=True))  # a copy: decoded images are often read-only buffers
     if x.dtype != torch.uint8:
         raise TypeError(f"preprocess expects uint8 pixels, got {x.dtype}")
     if x.ndim == 2:
