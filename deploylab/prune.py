@@ -371,16 +371,9 @@ def load_pruned(folder: Path, name: str, *, profile: str) -> tuple[nn.Module, di
     fix = "rerun notebooks/02_pruning.ipynb to rebuild it"
     if meta is None or not pt.is_file():
         raise models.CheckpointError(f"no complete pruned model {name!r} in {folder} (need {pt.name} and {js.name}); {fix}")
-    problems = []
-    if meta.get("profile") != profile:
-        problems.append(f"it was built for profile {meta.get('profile')!r}, not {profile!r}")
-    if meta.get("data_sha256") != data.DATA_SHA256:
-        problems.append("it was trained on different data (data hash differs)")
+    problems = models.artefact_problems(pt, meta, profile=profile)
     if "channel_config" not in meta:
         problems.append("its metadata has no channel_config")
-    actual = sha256_file(pt)
-    if meta.get("sha256") != actual:
-        problems.append(f"its sha256 is {actual[:12]}..., the metadata says {str(meta.get('sha256'))[:12]}... (corrupt or replaced)")
     if problems:
         raise models.CheckpointError(f"refusing pruned model {pt}: " + "; ".join(problems) + f". To fix: {fix}")
     model = apply_channel_config(models.build(meta["arch"]), meta["channel_config"])
