@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-DEBIAN_PACKAGES=(dataset-fashion-mnist openjdk-17-jre-headless)  # the dataset; Java for TorchServe
+# the dataset; Java for TorchServe; the Docker engine and debootstrap for lesson 06 (a local base
+# image: no registry is reachable in the course's offline setting); Chromium for the JupyterLab UI test.
+DEBIAN_PACKAGES=(dataset-fashion-mnist openjdk-17-jre-headless docker.io debootstrap chromium)
 
 say() { printf '[setup] %s\n' "$*"; }
 
