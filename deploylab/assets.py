@@ -40,6 +40,24 @@ def recipe_for(role: str, profile: Profile) -> Recipe:
     return Recipe(epochs=epochs, batch_size=profile.batch_size, augment=profile.augment)
 
 
+def recipe_problems(role: str, profile: Profile, meta: dict[str, Any]) -> list[str]:
+    """How a checkpoint's recorded training differs from what ``profile`` trains now (empty: it matches).
+
+    A checkpoint made before a recipe change loads fine and looks valid, but every lesson built on it
+    would teach from a model the kit no longer makes -- so the mismatch is refused, not ignored.
+    """
+    problems = []
+    want = recipe_for(role, profile).to_dict()
+    have = meta.get("recipe") or {}
+    for key in sorted(want):
+        if have.get(key) != want[key]:
+            problems.append(f"recipe {key}: {have.get(key)!r}, now {want[key]!r}")
+    n_train = len(data.tensors("train", profile.train_images)[1])
+    if meta.get("train_images") != n_train:
+        problems.append(f"train_images: {meta.get('train_images')!r}, now {n_train}")
+    return problems
+
+
 def _train(role: str, profile: Profile) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``role`` from scratch at the sizes of ``profile``; returns the model and its metadata."""
     config.seed_everything(0)
@@ -80,6 +98,12 @@ def load_or_build(role: str, profile: Profile | str | None = None, *, build: boo
     exists = models.read_metadata(folder, role) is not None
     if exists and not force:
         model, meta = models.load_checkpoint(folder, role, arch=models.ROLES[role], profile=profile.name)
+        stale = recipe_problems(role, profile, meta)
+        if stale:
+            raise models.CheckpointError(
+                f"refusing {folder / meta['file']}: it was trained with another recipe than the kit's current "
+                f"{profile.name!r} one ({'; '.join(stale)}). Rebuild it: `deploylab prepare --profile {profile.name} --force`"
+            )
         return Asset(model, meta)
     if not build:
         raise models.CheckpointError(

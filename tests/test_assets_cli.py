@@ -17,6 +17,22 @@ def test_a_checkpoint_of_another_profile_is_refused_not_retrained(tmp_dirs):
     assert (folder / "student.pt").read_bytes() == before  # nothing overwritten
 
 
+def test_a_checkpoint_of_an_older_recipe_is_refused_with_the_rebuild_command(tmp_dirs):
+    folder = config.artefacts_dir("smoke")
+    profile = config.get_profile("smoke")
+    recipe = assets.recipe_for("student", profile).to_dict()
+    meta = {"arch": "mobilenet_v2", "profile": "smoke", "recipe": recipe, "train_images": profile.train_images}
+    models.save_checkpoint(models.build("mobilenet_v2"), folder, "student", meta)
+    assert assets.student("smoke").meta["recipe"] == recipe  # the current recipe loads
+
+    models.save_checkpoint(models.build("mobilenet_v2"), folder, "student",
+                           {**meta, "recipe": {**recipe, "batch_size": recipe["batch_size"] * 4}})
+    before = (folder / "student.pt").read_bytes()
+    with pytest.raises(models.CheckpointError, match=r"recipe batch_size.*prepare --profile smoke --force"):
+        assets.student("smoke")
+    assert (folder / "student.pt").read_bytes() == before
+
+
 def test_unknown_role():
     with pytest.raises(ValueError, match="teacher, student"):
         assets.load_or_build("oracle", "smoke")
