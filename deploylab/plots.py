@@ -1,4 +1,5 @@
-"""The course's plots (matplotlib): sample images and accuracy against latency."""
+"""The course's plots (matplotlib): sample images, accuracy against latency (with its Pareto front),
+and the deployment strategies of lesson 07."""
 
 from __future__ import annotations
 
@@ -25,17 +26,25 @@ def image_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 8) -> Fi
     return fig
 
 
-def accuracy_vs_latency(records: list[dict[str, Any]], batch_size: int = 1, title: str | None = None) -> Figure:
-    """Scatter of accuracy (%) against p50 latency (ms, log scale) at ``batch_size``, one point per record."""
+def accuracy_vs_latency(records: list[dict[str, Any]], batch_size: int = 1, title: str | None = None,
+                        mark_pareto: bool = False) -> Figure:
+    """Scatter of accuracy (%) against p50 latency (ms, log scale) at ``batch_size``, one point per record.
+
+    ``mark_pareto`` rings the Pareto-optimal records (none faster and at least as accurate) and joins them.
+    """
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     b = str(batch_size)
+    points = []
     for r in records:
         lat = r["latency_ms"].get(b, {}).get("p50_ms")
         if lat is None or r.get("accuracy") is None:
             continue
         acc = 100 * r["accuracy"]
+        points.append((lat, acc))
         ax.scatter(lat, acc, s=40)
         ax.annotate(f"{r['variant']} ({r['runtime']})", (lat, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if mark_pareto and points:
+        _mark_front(ax, points)
     ax.set_xscale("log")
     ax.set_xlabel(f"p50 latency at batch {batch_size} (ms, log scale)")
     ax.set_ylabel("test accuracy (%)")
@@ -43,5 +52,62 @@ def accuracy_vs_latency(records: list[dict[str, Any]], batch_size: int = 1, titl
     cpu = records[0]["hardware"]["cpu"] if records else "?"
     ax.set_title(title or f"accuracy vs latency -- profile {profile}, {cpu}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _mark_front(ax: Any, points: list[tuple[float, float]]) -> None:
+    """Ring the Pareto-optimal (latency, accuracy) points and join them with a step line."""
+    from .decision import pareto_front
+
+    front = sorted(p for p, on in zip(points, pareto_front(points)) if on)
+    ax.scatter([p[0] for p in front], [p[1] for p in front], s=160, facecolors="none", edgecolors="black",
+               linewidths=1.2, label="Pareto front", zorder=3)
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=0.8, ls="--", zorder=2)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def pareto(rows: list[Any], batch_size: int = 1, title: str | None = None) -> Figure:
+    """Accuracy (%) against p50 latency at ``batch_size`` for decision rows (:mod:`deploylab.decision`),
+    coloured by kind, the Pareto front ringed and joined."""
+    from .decision import pareto_rows
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    colours = {"pytorch": "tab:blue", "onnxruntime": "tab:green", "served": "tab:red"}
+    pairs = pareto_rows(rows, batch_size)
+    for kind, colour in colours.items():
+        pts = [(r.latency(batch_size), 100 * r.accuracy) for r, _ in pairs if r.kind == kind]
+        if pts:
+            ax.scatter(*zip(*pts), s=40, color=colour, label=kind)
+    for r, on in pairs:
+        ax.annotate(r.variant, (r.latency(batch_size), 100 * r.accuracy), textcoords="offset points", xytext=(5, 4),
+                    fontsize=7, fontweight="bold" if on else "normal")
+    if pairs:
+        _mark_front(ax, [(r.latency(batch_size), 100 * r.accuracy) for r, _ in pairs])
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency at batch {batch_size} (ms, log scale)" + (" -- served: one request" if batch_size == 1 else ""))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or f"accuracy vs latency, batch {batch_size}: the Pareto front", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def strategies(rows: list[dict[str, Any]], concurrency: tuple[int, ...] = (1, 8, 32)) -> Figure:
+    """Lesson 07: throughput and p99 latency against concurrency, one line per deployment strategy.
+
+    ``rows``: dicts with ``strategy``, ``concurrency``, ``images/s`` and ``p99 ms`` (one per load run).
+    """
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        rs = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["concurrency"])
+        ax[0].plot([r["concurrency"] for r in rs], [r["images/s"] for r in rs], "o-", label=name)
+        ax[1].plot([r["concurrency"] for r in rs], [r["p99 ms"] for r in rs], "o-", label=name)
+    ax[0].set(xscale="log", xlabel="concurrent clients", ylabel="images/s", title="throughput")
+    ax[1].set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="p99 latency (ms)", title="tail latency")
+    for a in ax:
+        a.set_xticks(list(concurrency), [str(c) for c in concurrency])
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -22,7 +22,7 @@ def render(profile: Profile) -> str:
     from .plots import accuracy_vs_latency
 
     plot = config.results_dir(profile) / "accuracy_vs_latency.png"
-    fig = accuracy_vs_latency(records, batch_size=1)
+    fig = accuracy_vs_latency(records, batch_size=1, mark_pareto=True)
     with atomic_path(plot) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     hw = records[0]["hardware"]

@@ -21,7 +21,6 @@ also give a 4xx, but for the *whole* batch: one bad request would fail its neigh
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from deploylab import data as dl_data
+from deploylab import inputs as dl_inputs
 from deploylab.serve import BadRequest  # imported, not defined here: TorchServe wants one class per handler file
 
 log = logging.getLogger(__name__)
@@ -56,82 +56,10 @@ def _payload(request: dict[str, Any]) -> Any:
     return values[0] if values else None
 
 
-def _pixels_from_json(obj: Any, limits: dict[str, Any]) -> np.ndarray:
-    """A JSON pixel array (or ``{"pixels": ...}``) as a uint8 (H, H) image."""
-    if isinstance(obj, dict):
-        if "pixels" not in obj:
-            raise BadRequest(f"JSON object without a 'pixels' key (keys: {sorted(obj)[:5]}); send "
-                             '{"pixels": [[...], ...]} or the bare 2-d array')
-        obj = obj["pixels"]
-    if not isinstance(obj, list) or not obj:
-        raise BadRequest("JSON pixels must be a non-empty 2-d array of integers 0..255, e.g. 28 rows of 28")
-    try:
-        arr = np.asarray(obj)
-    except (ValueError, TypeError) as e:  # ragged rows
-        raise BadRequest(f"JSON pixels are not a rectangular array ({e}); send H rows of H integers") from None
-    if arr.dtype == object or arr.ndim != 2:
-        raise BadRequest(f"wrong shape: expected one 2-d image (H, H), got an array of shape {arr.shape}")
-    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
-        raise BadRequest(f"JSON pixels must be integers 0..255, got {arr.dtype.name} values")
-    if arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise BadRequest(f"pixel values must lie in 0..255, got {arr.min()}..{arr.max()}")
-    _check_side(arr.shape, limits)
-    return arr.astype(np.uint8)
-
-
-def _check_side(shape: tuple[int, ...], limits: dict[str, Any]) -> None:
-    h, w = shape[:2]
-    if h != w:
-        raise BadRequest(f"wrong shape: the model takes square images (Fashion-MNIST is 28x28), got {h}x{w}")
-    if h > limits["max_side"]:
-        raise BadRequest(f"image too large: {h}x{w} pixels, the limit is {limits['max_side']}x{limits['max_side']}", 413)
-    if h < limits["min_side"]:
-        raise BadRequest(f"image too small: {h}x{w} pixels, send at least {limits['min_side']}x{limits['min_side']} (28x28 expected)")
-
-
-def _pixels_from_image(raw: bytes, limits: dict[str, Any]) -> np.ndarray:
-    """PNG/JPEG bytes as a uint8 grayscale (H, H) image; corrupt or truncated files are refused."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(raw)) as img:
-            if img.format not in ("PNG", "JPEG"):
-                raise BadRequest(f"unsupported image format {img.format}: send PNG or JPEG", 415)
-            _check_side((img.height, img.width), limits)  # before decoding: no decompression bombs
-            img.load()  # raises on truncated or corrupt data
-            gray = img.convert("L")
-    except BadRequest:
-        raise
-    except UnidentifiedImageError:
-        raise BadRequest("body is not an image: send PNG or JPEG bytes, or a JSON array of pixels", 415) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadRequest(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
-    return np.array(gray, dtype=np.uint8)  # a writable copy (torch warns about read-only arrays)
-
-
 def decode(request: dict[str, Any], limits: dict[str, Any]) -> np.ndarray:
-    """One request -> uint8 (H, H) pixels, or :class:`BadRequest` saying what to send instead."""
-    value = _payload(request)
-    if value is None:
-        raise BadRequest("empty request: send PNG/JPEG bytes or a JSON array of pixels as the body")
-    if isinstance(value, (list, dict)):  # TorchServe already parsed an application/json body
-        return _pixels_from_json(value, limits)
-    if isinstance(value, str):
-        value = value.encode("utf-8")
-    if not isinstance(value, (bytes, bytearray)):  # a JSON number, true/false
-        raise BadRequest(f"JSON body must be a 2-d array of pixels or {{\"pixels\": [...]}}, got a {type(value).__name__}")
-    raw = bytes(value)
-    if not raw.strip():
-        raise BadRequest("empty body: send PNG/JPEG bytes or a JSON array of pixels")
-    if len(raw) > limits["max_bytes"]:
-        raise BadRequest(f"body too large: {len(raw):,} bytes, the limit is {limits['max_bytes']:,}", 413)
-    if raw.lstrip()[:1] in (b"[", b"{"):
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadRequest(f"body is not valid JSON ({e}); send a 2-d array of integers 0..255") from None
-        return _pixels_from_json(obj, limits)
-    return _pixels_from_image(raw, limits)
+    """One request -> uint8 (H, H) pixels, or :class:`BadRequest` saying what to send instead
+    (``deploylab.inputs.decode_value``: the same validation as the serverless function and the custom server)."""
+    return dl_inputs.decode_value(_payload(request), limits)
 
 
 class DeploylabHandler(BaseHandler):

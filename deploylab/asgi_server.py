@@ -1,0 +1,466 @@
+"""A custom model server: Starlette on uvicorn, ONNX Runtime, micro-batching -- and a local function host.
+
+One small ASGI app that you own end to end (lesson 07), in two modes:
+
+- ``batch`` (the custom server): every request is decoded and validated on its own
+  (:mod:`deploylab.inputs`, the same code as the TorchServe handler and the serverless function),
+  then queued; a :class:`MicroBatcher` takes up to ``max_batch`` queued inputs -- waiting at most
+  ``max_wait_ms`` for more when the queue runs dry -- and makes ONE ``session.run`` per batch in a
+  worker thread, so the event loop keeps accepting requests while the model runs.
+- ``function``: a local stand-in for a cloud function's HTTP front door (what AWS's Runtime Interface
+  Emulator or ``sam local`` do): each request becomes an API-Gateway event for
+  :func:`deploylab.serverless.handler`, run one at a time, as one function instance runs them.
+
+Both modes speak TorchServe's URLs (``GET /ping``, ``POST /predictions/<model>``) so that
+:class:`deploylab.serve.Client` and :func:`deploylab.serve.load_run` drive all servers with the same
+code, bind 127.0.0.1 only, and require a bearer token that the server generates at start and writes to
+a key file readable by its owner only (0600), as TorchServe's ``key_file.json``.
+
+:class:`AsgiServer` starts the app as a subprocess in its own process group and stops it leaving
+nothing behind (also at interpreter exit, through ``atexit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import config
+from .serve import BadRequest, Client, ServeError, free_ports
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True)
+class LessonSizes:
+    """Lesson-07 sizes per profile (the code path is the same in every profile)."""
+
+    parity_images: int  # real test images sent to every server and compared with in-process ONNX Runtime
+    load_requests: int  # requests per load run (one run per server and concurrency)
+    load_seconds: float  # a load run stops after this long even if requests remain
+    cold_repeats: int  # fresh processes for the serverless cold start
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    max_batch: int = 16  # micro-batching of the custom server, and TorchServe's batchSize
+    max_wait_ms: float = 5.0
+    workers: int = 2  # TorchServe's Python workers (1 ONNX Runtime thread each)
+
+
+SIZES: dict[str, LessonSizes] = {
+    "smoke": LessonSizes(parity_images=64, load_requests=96, load_seconds=4.0, cold_repeats=3),
+    "workshop": LessonSizes(parity_images=500, load_requests=800, load_seconds=10.0, cold_repeats=5),
+    "full": LessonSizes(parity_images=2_000, load_requests=3_000, load_seconds=30.0, cold_repeats=10),
+}
+
+
+def sizes(profile: "config.Profile") -> LessonSizes:
+    """The lesson's sizes for ``profile``."""
+    return SIZES[profile.name]
+
+
+def rss_bytes(processes: Iterable[Any]) -> int:
+    """Resident memory of a set of processes (psutil), summed: what the server holds in RAM now."""
+    import psutil
+
+    total = 0
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+MODES = ("batch", "function")
+MAX_REQUEST_BYTES = 1 << 20  # the outer limit, as TorchServe's max_request_size; inputs.LIMITS is the inner one
+
+
+# --------------------------------------------------------------------------------------------
+# Micro-batching
+# --------------------------------------------------------------------------------------------
+
+
+class MicroBatcher:
+    """Queue single inputs; run them in batches of up to ``max_batch``, one model call per batch.
+
+    A batch starts as soon as the model is free and something is queued; if fewer than
+    ``max_batch`` inputs wait and other requests are still being read and decoded (``arriving``), it
+    waits up to ``max_wait_ms`` for them -- a lone request runs at once. While a batch runs (in one
+    worker thread: ONNX Runtime releases the GIL), new requests queue up, so under load the next
+    batch is usually full without any waiting.
+    """
+
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *, max_batch: int = 16, max_wait_ms: float = 5.0):
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ValueError(f"need max_batch >= 1 and max_wait_ms >= 0, got {max_batch}, {max_wait_ms}")
+        self.run_batch, self.max_batch, self.max_wait_s = run_batch, max_batch, max_wait_ms / 1000.0
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.batch_sizes: Counter = Counter()
+        self.arriving = 0  # requests accepted but not yet queued (reading/decoding): worth waiting for
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        """Queue one preprocessed input ``(1, ...)``; returns its row of the model's output ``(1, classes)``."""
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((x, fut))
+        return await fut
+
+    async def _collect(self) -> list[tuple[np.ndarray, asyncio.Future]]:
+        loop = asyncio.get_running_loop()
+        items = [await self.queue.get()]
+        deadline = loop.time() + self.max_wait_s
+        while len(items) < self.max_batch:
+            try:
+                items.append(self.queue.get_nowait())  # already waiting: take it without delay
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self.arriving == 0:  # nobody else on the way: do not make this batch wait
+                break
+            try:
+                items.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return items
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._collect()
+            items = [(x, f) for x, f in items if not f.cancelled()]  # clients that went away
+            if not items:
+                continue
+            self.batch_sizes[len(items)] += 1
+            try:
+                out = await loop.run_in_executor(self.executor, self.run_batch, np.concatenate([x for x, _ in items]))
+            except Exception as e:  # the model failed: every waiting request learns it (a 500, logged by uvicorn)
+                for _, f in items:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for i, (_, f) in enumerate(items):
+                if not f.done():
+                    f.set_result(out[i : i + 1])
+
+
+# --------------------------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------------------------
+
+
+def _error(code: int, message: str):
+    from starlette.responses import Response
+
+    return Response(BadRequest(message, code).body() if 400 <= code < 500 else json.dumps({"code": code, "message": message}),
+                    status_code=code, media_type="application/json")
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` (before reading it all)."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise BadRequest(f"request too large: {int(length):,} bytes, the server's limit is {limit:,}", 413)
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise BadRequest(f"request too large: over {limit:,} bytes, the server's limit", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", model_name: str = "student",
+               max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, top_k: int = 3,
+               max_request_bytes: int = MAX_REQUEST_BYTES):
+    """The Starlette app (see the module docstring). ``key`` is the bearer token every request must carry."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from . import export, inputs, serverless
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if len(key) < 16:
+        raise ValueError("the bearer key must be at least 16 characters (use secrets.token_urlsafe)")
+    expected = f"Bearer {key}".encode()
+    state: dict[str, Any] = {}
+
+    def authorized(request) -> bool:
+        return hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if mode == "batch":
+            sess, card = export.load_exported(model_path, threads=threads)  # sha256 checked against the card
+            name = sess.get_inputs()[0].name
+            state["batcher"] = MicroBatcher(lambda x: sess.run(None, {name: x})[0], max_batch=max_batch, max_wait_ms=max_wait_ms)
+            state["batcher"].start()
+        else:
+            serverless.configure(model_path, threads=threads)
+            serverless.model()  # a warm instance: the cold start is measured separately (serverless.cold_start)
+            state["executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="function")
+        yield
+        if mode == "batch":
+            await state["batcher"].stop()
+        else:
+            state["executor"].shutdown(wait=False, cancel_futures=True)
+
+    async def ping(request):
+        if not authorized(request):
+            return _error(401, "missing or wrong bearer token: send 'Authorization: Bearer <key from the key file>'")
+        return JSONResponse({"status": "Healthy"})
+
+    async def stats(request):
+        if not authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        b = state.get("batcher")
+        return JSONResponse({"mode": mode, "pid": os.getpid(), "batch_sizes": dict(b.batch_sizes) if b else {},
+                             "modules": sorted({m.split(".")[0] for m in sys.modules})})
+
+    async def predict(request):
+        if not authorized(request):
+            return _error(401, "missing or wrong bearer token: send 'Authorization: Bearer <key from the key file>'")
+        if request.path_params["model"] != model_name:
+            return _error(404, f"no model {request.path_params['model']!r}; this server serves {model_name!r}")
+        if mode == "function":
+            try:
+                body = await _read_body(request, max_request_bytes)
+            except BadRequest as e:
+                return Response(e.body(), status_code=e.code, media_type="application/json")
+            event = serverless.event_from_body(body, request.headers.get("content-type"))
+            answer = await asyncio.get_running_loop().run_in_executor(state["executor"], serverless.handler, event, None)
+            return Response(answer["body"], status_code=answer["statusCode"], media_type="application/json")
+        batcher = state["batcher"]
+        batcher.arriving += 1
+        try:
+            body = await _read_body(request, max_request_bytes)
+            x = inputs.model_input(inputs.decode_http(body, request.headers.get("content-type")))
+        except BadRequest as e:
+            return Response(e.body(), status_code=e.code, media_type="application/json")
+        finally:
+            batcher.arriving -= 1
+        logits = await batcher.submit(x)
+        return JSONResponse(inputs.top_k(logits, top_k)[0])
+
+    routes = [Route("/ping", ping, methods=["GET"]), Route("/stats", stats, methods=["GET"]),
+              Route("/predictions/{model}", predict, methods=["POST"])]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def write_key_file(path: str | os.PathLike) -> str:
+    """Generate a bearer key and write it to ``path``, readable by its owner only (created 0600, never replaced)."""
+    key = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"inference": {"key": key}, "pid": os.getpid()}, f)
+    return key
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m deploylab.asgi_server --model student_fp32.onnx --port 8080 --key-file key.json``"""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="ONNX file with its .card.json next to it")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="loopback only: put a TLS proxy in front to publish it")
+    p.add_argument("--key-file", required=True, help="where to write the generated bearer key (0600)")
+    p.add_argument("--mode", choices=MODES, default="batch")
+    p.add_argument("--model-name", default="student")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    a = p.parse_args(argv)
+    if a.host not in LOOPBACK:
+        raise SystemExit(f"refusing to bind {a.host}: this server binds loopback only ({', '.join(LOOPBACK)})")
+    import torch
+    import uvicorn
+
+    torch.set_num_threads(1)  # data.preprocess of one image: no thread pool fighting ONNX Runtime for the cores
+    key = write_key_file(a.key_file)
+    app = create_app(a.model, key=key, mode=a.mode, model_name=a.model_name, max_batch=a.max_batch,
+                     max_wait_ms=a.max_wait_ms, threads=a.threads)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False, workers=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Start and stop it from a notebook or a test
+# --------------------------------------------------------------------------------------------
+
+_RUNNING: "weakref.WeakSet[AsgiServer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:  # a notebook kernel that exits (or restarts) takes its servers down
+    for server in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+class AsgiServer:
+    """The app of this module as a subprocess in its own process group (a context manager)."""
+
+    def __init__(self, model_path: str | os.PathLike, *, mode: str = "batch", model_name: str = "student",
+                 max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, workdir: str | os.PathLike | None = None,
+                 start_timeout_s: float = 60.0):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"no model file {self.model_path}")
+        self.mode, self.model_name = mode, model_name
+        self.max_batch, self.max_wait_ms, self.threads = max_batch, max_wait_ms, threads
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"deploylab-asgi-{mode}-"))
+        self.start_timeout_s = start_timeout_s
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.ready_s: float | None = None  # from Popen until /ping answered (model loaded)
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "AsgiServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "deploylab.asgi_server", "--model", str(self.model_path), "--port", str(self.port),
+                "--key-file", str(self.key_file), "--mode", self.mode, "--model-name", self.model_name,
+                "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms), "--threads", str(self.threads)]
+
+    def start(self) -> "AsgiServer":
+        """Launch the server, wait until /ping answers with the generated key; stop it again on any failure."""
+        if self.proc is not None:
+            raise ServeError("this server is already started")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.key_file.unlink(missing_ok=True)
+        self.port = free_ports(1)[0]
+        self._log = open(self.log_file, "wb")
+        t0 = time.perf_counter()
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(self.command(), cwd=config.ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        _RUNNING.add(self)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_s = time.perf_counter() - t0
+        return self
+
+    def _wait_ready(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServeError(f"the server exited during start-up ({self.proc.returncode}):\n{self.tail_log()}")
+            if self.key_file.is_file():
+                try:
+                    r = httpx.get(f"{self.url}/ping", headers={"Authorization": f"Bearer {self.key()}"}, timeout=2, trust_env=False)
+                    if r.status_code == 200:
+                        return
+                except (httpx.HTTPError, ValueError, KeyError):
+                    pass
+            time.sleep(0.05)
+        raise ServeError(f"the server did not answer /ping in {self.start_timeout_s:.0f} s:\n{self.tail_log()}")
+
+    def key(self) -> str:
+        """The bearer key the server wrote to its key file."""
+        return json.loads(self.key_file.read_text())["inference"]["key"]
+
+    def client(self, timeout_s: float = 30.0, **kwargs) -> Client:
+        """An authenticated :class:`deploylab.serve.Client` (the same client as for TorchServe)."""
+        return Client(self.url, self.url, self.url, inference_key=self.key(), management_key=self.key(), timeout_s=timeout_s, **kwargs)
+
+    def stats(self) -> dict[str, Any]:
+        import httpx
+
+        return httpx.get(f"{self.url}/stats", headers={"Authorization": f"Bearer {self.key()}"}, trust_env=False).json()
+
+    def processes(self) -> list[Any]:
+        """Live processes of this server (the uvicorn process and any child)."""
+        import psutil
+
+        if self.proc is None:
+            return []
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+        return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM to the process group, SIGKILL after ``timeout_s``; deletes the key; raises if a process survives."""
+        import psutil
+
+        if self.proc is None:
+            return
+        procs = self.processes()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        self._log.close()
+        self.proc = None
+        _RUNNING.discard(self)
+        self.key_file.unlink(missing_ok=True)  # the key dies with the server
+        survivors = [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if survivors:
+            raise ServeError(f"processes of the server survived stop(): {survivors}")
+
+    def tail_log(self, lines: int = 30) -> str:
+        if not self.log_file.is_file():
+            return "(no log yet)"
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+
+if __name__ == "__main__":
+    main()
