@@ -6,7 +6,7 @@ PROFILE ?= workshop
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PYTEST_NB := --nbval-lax --nbval-current-env --nbval-cell-timeout=600
 
-.PHONY: setup lab test test-unit test-notebooks course prepare report lock clean
+.PHONY: setup lab test test-unit test-notebooks course prepare report bundle lock clean
 
 setup:
 	@bash scripts/setup.sh
@@ -39,6 +39,10 @@ course: setup
 
 prepare: setup
 	$(BIN)/deploylab prepare --profile $(PROFILE)
+
+# An offline bundle for a workshop (several GB: the CUDA build of torch); tests/test_bundle.py checks the lock file against it.
+bundle: setup
+	$(BIN)/deploylab bundle build/bundle --profile $(PROFILE)
 
 report: setup
 	$(BIN)/deploylab report --profile full

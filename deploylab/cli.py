@@ -1,4 +1,4 @@
-"""Command line: ``deploylab prepare|data|bench|report``."""
+"""Command line: ``deploylab prepare|data|bench|report|serve|bundle``."""
 
 from __future__ import annotations
 
@@ -52,6 +52,77 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Build the student's archive, serve it on 127.0.0.1 until Ctrl-C, print how to call it."""
+    import json
+    import shlex
+    import signal
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import shutil
+
+    from . import assets, data, serve
+
+    profile = config.get_profile(args.profile)
+    print(config.banner(profile))
+    problem = serve.java_problem()
+    if problem:
+        raise RuntimeError(problem)
+    onnx_path = serve.student_onnx(profile)
+    workdir = Path(tempfile.mkdtemp(prefix="deploylab-serve-"))
+    store = workdir / "model-store"
+    cfg = serve.ModelConfig(min_workers=args.workers, max_workers=args.workers)
+    mar = serve.build_archive(onnx_path, store, args.model, cfg)
+    print(f"archive: {mar} (from {onnx_path.name})")
+    samples = sorted(assets.sample_images_dir().glob("*.png")) or data.write_sample_images(assets.sample_images_dir())
+
+    def on_sigterm(signum, frame):  # `kill PID` stops as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    server = serve.TorchServe(store, {args.model: mar.name}, workdir=workdir / "torchserve")
+    try:
+        with server:
+            url = f"{server.url('inference')}/predictions/{args.model}"
+            token = server.tokens()["inference"]
+            print(f"inference URL: {url}", flush=True)
+            print(f"key file: {server.key_file}")
+            api_key = json.loads(server.key_file.read_text())["API"]["key"]
+            print("try it:")
+            print(f"  curl -H {shlex.quote('Authorization: Bearer ' + token)} -H 'Content-Type: image/png' "
+                  f"--data-binary @{shlex.quote(str(samples[0]))} {url}")
+            print("the inference key expires after 60 minutes; a new one (written to the key file) with:")
+            print(f"  curl -H {shlex.quote('Authorization: Bearer ' + api_key)} "
+                  f"{shlex.quote(server.url('management') + '/token?type=inference')}")
+            print("serving; press Ctrl-C to stop", flush=True)
+            while True:
+                time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # the context manager stopped the server (and raised, keeping its logs, if any of its processes survived)
+    shutil.rmtree(workdir, ignore_errors=True)
+    print("stopped: no TorchServe process left", flush=True)
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from . import bundle
+
+    if args.verify:
+        info = bundle.verify(args.verify)
+        print(f"bundle {args.verify}: all {info['files']} files match MANIFEST.sha256 "
+              f"(profile {info['profile']}, commit {info['commit'][:12]}, Python {info['python']})")
+        return 0
+    if not args.out:
+        raise ValueError("name the bundle's folder: `deploylab bundle OUT` (or check one: `deploylab bundle --verify DIR`)")
+    bundle.build(args.out, args.profile, requirements=args.requirements or bundle.LOCK, archive=args.archive, exclude=args.exclude)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deploylab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,11 +145,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="full")
     p.set_defaults(func=_report)
 
+    p = sub.add_parser("serve", help="serve the student with TorchServe on 127.0.0.1 until Ctrl-C")
+    p.add_argument("--profile")
+    p.add_argument("--model", default="student", help="the model's name in the URL (default: student)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("bundle", help="an offline bundle for a workshop (wheels, data, artefacts, source), or --verify one")
+    p.add_argument("out", nargs="?", help="a new folder for the bundle")
+    p.add_argument("--profile", help="whose artefacts go in (default: $DEPLOYLAB_PROFILE or workshop)")
+    p.add_argument("--requirements", default=None, help="requirements to gather wheels for (default: requirements/lock.txt)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out artefacts matching GLOB (relative to data/artefacts/<profile>); repeatable")
+    p.add_argument("--archive", action="store_true", help="also pack the folder into OUT.tar")
+    p.add_argument("--verify", metavar="DIR", help="check the bundle in DIR against its manifest, then exit")
+    p.set_defaults(func=_bundle)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (config.ProfileError, RuntimeError, ValueError) as e:
+    except (config.ProfileError, RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"deploylab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,113 @@
+"""Every lesson notebook has the same bones (DESIGN.md, "a notebook is a lesson").
+
+Checked on the committed .ipynb files, without running them (nbval runs them): an intro stating
+what it teaches, the time per profile and what it needs; the banner as the first code cell; the
+"Python (deploylab)" kernel; takeaways; an exercise with a hidden solution and a self-check that
+asserts; and, when committed with outputs, outputs of a workshop or full run without tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from deploylab import config
+
+NOTEBOOKS = sorted((config.ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+PROFILES = ("smoke", "workshop", "full")
+
+
+def _cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"]
+
+
+def _src(cell: dict) -> str:
+    s = cell.get("source", "")
+    return "".join(s) if isinstance(s, list) else s
+
+
+def _headings(cells: list[dict]) -> list[str]:
+    return [ln.lstrip("#").strip() for c in cells if c["cell_type"] == "markdown"
+            for ln in _src(c).splitlines() if ln.startswith("#")]
+
+
+def test_there_are_lesson_notebooks():
+    assert len(NOTEBOOKS) >= 6, [p.name for p in NOTEBOOKS]
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def nb(request) -> tuple[Path, dict]:
+    return request.param, json.loads(request.param.read_text())
+
+
+def test_intro_says_what_it_teaches_how_long_per_profile_and_what_it_needs(nb):
+    path, book = nb
+    first = book["cells"][0]
+    assert first["cell_type"] == "markdown", f"{path.name}: the first cell must be the markdown intro"
+    intro = _src(first)
+    number = path.name[:2]
+    assert re.match(rf"#\s+{number}\b", intro), f"{path.name}: the intro starts with a '# {number} · title' heading"
+    assert re.search(r"\*\*You will learn", intro), f"{path.name}: the intro lacks '**You will learn to**' and its list"
+    time_part = re.search(r"\*\*Time\*\*|\*\*Time \(", intro)
+    assert time_part, f"{path.name}: the intro lacks a '**Time**' paragraph"
+    time_text = intro[time_part.start():].split("\n\n")[0]
+    missing = [p for p in PROFILES if f"`{p}`" not in time_text]
+    assert not missing, f"{path.name}: the '**Time**' paragraph gives no time for {missing}"
+    assert re.search(r"\d+\s*(-\s*\d+\s*)?min|minutes", time_text), f"{path.name}: the '**Time**' paragraph states no minutes"
+    assert "**Needs**" in intro, f"{path.name}: the intro lacks a '**Needs**' paragraph"
+
+
+def test_first_code_cell_prints_the_banner(nb):
+    path, book = nb
+    code = [c for c in book["cells"] if c["cell_type"] == "code"]
+    assert code, f"{path.name} has no code cell"
+    assert re.search(r"print\(\s*config\.banner\(", _src(code[0])), f"{path.name}: the first code cell must print config.banner(profile)"
+
+
+def test_kernelspec_is_deploylab(nb):
+    path, book = nb
+    ks = book["metadata"].get("kernelspec", {})
+    assert ks.get("name") == "deploylab" and ks.get("display_name") == "Python (deploylab)", f"{path.name}: kernelspec {ks}"
+
+
+def test_takeaways_and_an_exercise_with_hidden_solution_and_self_check(nb):
+    path, book = nb
+    cells = book["cells"]
+    heads = _headings(cells)
+    assert any(h.lower().startswith("takeaways") for h in heads), f"{path.name}: no '## Takeaways' section"
+    ex = [i for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+          and any(ln.startswith("#") and "exercise" in ln.lower() for ln in _src(c).splitlines())]
+    assert ex, f"{path.name}: no '## Exercise' section"
+    after = cells[ex[0] + 1:]
+    hidden = [c for c in after if c["cell_type"] == "code" and c.get("metadata", {}).get("jupyter", {}).get("source_hidden")]
+    assert hidden, f"{path.name}: the exercise has no solution cell hidden with metadata {{'jupyter': {{'source_hidden': true}}}}"
+    checks = [c for c in after if c["cell_type"] == "code" and _src(c).lstrip().lower().startswith("# self-check")]
+    assert checks, f"{path.name}: the exercise has no '# Self-check' cell"
+    assert any(re.search(r"^\s*assert\b", _src(c), re.M) for c in checks), f"{path.name}: the self-check cell asserts nothing"
+
+
+def test_committed_outputs_are_not_smoke_runs_and_hold_no_traceback(nb):
+    path, book = nb
+    errors = [i for i, c in enumerate(book["cells"]) for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{path.name}: committed with error outputs in cells {errors}"
+    code = [c for c in book["cells"] if c["cell_type"] == "code"]
+    printed = "".join("".join(o.get("text", "")) for o in code[0].get("outputs", []))
+    assert "profile: smoke" not in printed, f"{path.name}: committed with the outputs of a smoke run"
+
+
+def test_migration_notes_point_at_headings_that_exist():
+    """docs/MIGRATION.md links each old call to a notebook section: every such section must exist."""
+    doc = config.ROOT / "docs" / "MIGRATION.md"
+    if not doc.is_file():
+        pytest.fail("docs/MIGRATION.md is missing")
+    links = re.findall(r"\[`(\d\d_\w+)` § ([^\]]+)\]\(\.\./notebooks/(\d\d_\w+)\.ipynb\)", doc.read_text())
+    assert len(links) >= 8, f"expected the migration table's links, found {len(links)}"
+    missing = []
+    for stem, heading, target in links:
+        path = config.ROOT / "notebooks" / f"{target}.ipynb"
+        if stem != target or not path.is_file() or heading.strip() not in _headings(_cells(path)):
+            missing.append(f"{target}: {heading}")
+    assert not missing, f"docs/MIGRATION.md names sections that are not in the notebooks: {missing}"
