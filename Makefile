@@ -6,7 +6,7 @@ PROFILE ?= workshop
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PYTEST_NB := --nbval-lax --nbval-current-env --nbval-cell-timeout=600
 
-.PHONY: setup lab test test-unit test-notebooks course prepare report bundle lock clean
+.PHONY: setup lab test test-unit test-notebooks course prepare report bundle docker lock clean
 
 setup:
 	@bash scripts/setup.sh
@@ -43,6 +43,10 @@ prepare: setup
 # An offline bundle for a workshop (several GB: the CUDA build of torch); tests/test_bundle.py checks the lock file against it.
 bundle: setup
 	$(BIN)/deploylab bundle build/bundle --profile $(PROFILE)
+
+# Build the serving image of PROFILE, run it, check it against in-process ONNX Runtime, remove it (lesson 06).
+docker: setup
+	bash docker/build_and_test.sh --profile $(PROFILE)
 
 report: setup
 	$(BIN)/deploylab report --profile full
