@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 # the dataset; Java for TorchServe; the Docker engine and debootstrap for lesson 06 (a local base
 # image: no registry is reachable in the course's offline setting); Chromium for the JupyterLab UI test.
-DEBIAN_PACKAGES=(dataset-fashion-mnist openjdk-17-jre-headless docker.io debootstrap chromium)
+DEBIAN_PACKAGES=(dataset-fashion-mnist openjdk-17-jre-headless docker.io docker-compose debootstrap chromium)
 
 say() { printf '[setup] %s\n' "$*"; }
 
