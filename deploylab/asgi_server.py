@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import hmac
 import json
@@ -35,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from . import config
-from .serve import BadRequest, Client, ServeError, free_ports
+from .serve import BadRequest, Client, ServeError, forget_at_exit, free_ports, stop_at_exit
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -313,16 +311,6 @@ def main(argv: list[str] | None = None) -> None:
 # Start and stop it from a notebook or a test
 # --------------------------------------------------------------------------------------------
 
-_RUNNING: "weakref.WeakSet[AsgiServer]" = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_all() -> None:  # a notebook kernel that exits (or restarts) takes its servers down
-    for server in list(_RUNNING):
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
 class AsgiServer:
     """The app of this module as a subprocess in its own process group (a context manager)."""
 
@@ -377,7 +365,7 @@ class AsgiServer:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(self.command(), cwd=config.ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        _RUNNING.add(self)
+        stop_at_exit(self)  # the same exit hook as TorchServe's
         try:
             self._wait_ready()
         except BaseException:
@@ -450,7 +438,7 @@ class AsgiServer:
                 p.kill()
         self._log.close()
         self.proc = None
-        _RUNNING.discard(self)
+        forget_at_exit(self)
         self.key_file.unlink(missing_ok=True)  # the key dies with the server
         survivors = [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         if survivors:

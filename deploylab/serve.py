@@ -340,7 +340,18 @@ def config_properties(ports: dict[str, int], store: Path, *, max_request_size: i
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
-_RUNNING: "weakref.WeakSet[TorchServe]" = weakref.WeakSet()
+# Every server started from this process (TorchServe here, the ASGI server of lesson 07): anything with stop().
+_RUNNING: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def stop_at_exit(server: Any) -> None:
+    """Stop ``server`` (its ``stop()``) when the interpreter exits, unless :func:`forget_at_exit` came first."""
+    _RUNNING.add(server)
+
+
+def forget_at_exit(server: Any) -> None:
+    """``server`` was stopped: nothing left to do for it at exit."""
+    _RUNNING.discard(server)
 
 
 @atexit.register
@@ -420,7 +431,7 @@ class TorchServe:
         # its own session (process group): stop() signals the launcher, Java and the workers at once
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=self._stdout, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        _RUNNING.add(self)
+        stop_at_exit(self)
         try:
             self._wait_ready()
         except BaseException:  # KeyboardInterrupt included: never leave a half-started server
@@ -523,7 +534,7 @@ class TorchServe:
         self._stdout.close()
         survivors = self.processes()
         self.proc = None
-        _RUNNING.discard(self)
+        forget_at_exit(self)
         self.key_file.unlink(missing_ok=True)  # the tokens die with the server
         shutil.rmtree(self.workdir / "tmp", ignore_errors=True)  # unpacked archives, worker sockets; logs stay
         if survivors:

@@ -17,3 +17,17 @@ def tmp_dirs(tmp_path, monkeypatch):
     yield tmp_path
     data.load_fashion_mnist.cache_clear()
     data.tensors.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def profile():
+    """The active profile (``make test`` sets smoke)."""
+    return config.get_profile()
+
+
+@pytest.fixture(scope="session")
+def onnx_path(profile):
+    """The profile's exported student (built on first use): what every serving test serves."""
+    from deploylab import serve
+
+    return serve.student_onnx(profile)

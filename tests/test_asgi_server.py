@@ -11,12 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from deploylab import asgi_server, config, data, export, serve
-
-
-@pytest.fixture(scope="module")
-def onnx_path():
-    return serve.student_onnx(config.get_profile("smoke"))
+from deploylab import asgi_server, data, export, serve
 
 
 @pytest.fixture(scope="module")

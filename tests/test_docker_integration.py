@@ -39,16 +39,6 @@ def _certs() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def profile():
-    return config.get_profile()
-
-
-@pytest.fixture(scope="module")
-def onnx_path(profile):
-    return serve.student_onnx(profile)
-
-
-@pytest.fixture(scope="module")
 def image(profile, onnx_path):
     container.ensure_base_image()
     container.stage_context(onnx_path, wheels=_wheels(), certs=_certs())

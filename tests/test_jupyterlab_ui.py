@@ -181,7 +181,7 @@ def test_00_baseline_runs_in_jupyterlab_without_errors_and_its_widget_renders(la
     stderr_texts = page.eval_on_selector_all(
         '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]', "els => els.map(e => e.innerText)")
     errors = [t[:500] for t in stderr_texts if TRACEBACK.search(t)]
-    assert not errors, f"cells failed in JupyterLab:\n" + "\n---\n".join(errors)
+    assert not errors, "cells failed in JupyterLab:\n" + "\n---\n".join(errors)
 
     # the ipywidgets slider is a live widget, not the "Loading widget..." placeholder or a plain-text repr
     assert page.locator(".jupyter-widgets.widget-slider, .widget-slider.jupyter-widgets").count() >= 1, \

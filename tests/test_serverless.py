@@ -7,12 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from deploylab import config, data, export, serve, serverless
-
-
-@pytest.fixture(scope="module")
-def onnx_path():
-    return serve.student_onnx(config.get_profile("smoke"))
+from deploylab import data, export, serve, serverless
 
 
 @pytest.fixture

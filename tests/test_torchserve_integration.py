@@ -21,16 +21,6 @@ PT_MODEL = "student_pytorch"  # the same handler with backend: pytorch
 
 
 @pytest.fixture(scope="module")
-def profile():
-    return config.get_profile()
-
-
-@pytest.fixture(scope="module")
-def onnx_path(profile):
-    return serve.student_onnx(profile)
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, onnx_path):
     store = tmp_path_factory.mktemp("model-store")
     serve.build_archive(onnx_path, store, MODEL, serve.ModelConfig(batch_size=8, max_batch_delay_ms=5))
