@@ -52,7 +52,7 @@ def recipe_problems(role: str, profile: Profile, meta: dict[str, Any]) -> list[s
     for key in sorted(want):
         if have.get(key) != want[key]:
             problems.append(f"recipe {key}: {have.get(key)!r}, now {want[key]!r}")
-    n_train = len(data.tensors("train", profile.train_images)[1])
+    n_train = data.split_size("train", profile.train_images)
     if meta.get("train_images") != n_train:
         problems.append(f"train_images: {meta.get('train_images')!r}, now {n_train}")
     return problems

@@ -202,6 +202,18 @@ def _take(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(order if limit is None else order[: min(limit, n)])
 
 
+def split_size(split: str, limit: int | None = None) -> int:
+    """How many images :func:`tensors` gives for ``split`` and ``limit``, without loading any.
+
+    The split sizes are fixed: the dataset is pinned by its hash (60,000 training images, of which
+    ``VALIDATION_IMAGES`` are held out, and 10,000 test images).
+    """
+    sizes = {"train": 60_000 - VALIDATION_IMAGES, "val": VALIDATION_IMAGES, "test": 10_000}
+    if split not in sizes:
+        raise ValueError(f"unknown split {split!r}: use 'train', 'val' or 'test'")
+    return sizes[split] if limit is None else min(limit, sizes[split])
+
+
 @lru_cache(maxsize=8)
 def tensors(split: str, limit: int | None = None, seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """Preprocessed ``(inputs, labels)`` of ``train``, ``val`` or ``test``, optionally a seeded subset."""

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from deploylab import config, data
+from deploylab import data
 
 
 def test_dataset_is_real_and_verified():
@@ -98,3 +98,10 @@ def test_sample_images_are_real_pngs(tmp_path):
     ds = data.load_fashion_mnist()
     first_dress = ds.test_images[np.flatnonzero(ds.test_labels == 3)[0]]
     assert np.array_equal(img, first_dress)
+
+
+def test_split_size_counts_what_tensors_returns_without_loading():
+    for split, limit in [("train", 1024), ("val", None), ("test", None), ("test", 512), ("train", 10**9)]:
+        assert data.split_size(split, limit) == len(data.tensors(split, limit)[1])
+    with pytest.raises(ValueError, match="unknown split"):
+        data.split_size("holdout")
