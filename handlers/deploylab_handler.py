@@ -113,15 +113,9 @@ class DeploylabHandler(BaseHandler):
             return self.model(x).numpy()
 
     def postprocess(self, logits: np.ndarray) -> list[dict[str, Any]]:
-        """Top-k labels and softmax probabilities per image."""
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        k = min(int(self.cfg["top_k"]), probs.shape[1])
-        out = []
-        for row in probs:
-            top = np.argsort(-row, kind="stable")[:k]
-            out.append({"predictions": [{"label": self.labels[str(i)], "index": int(i), "probability": float(row[i])} for i in top]})
-        return out
+        """Top-k labels (from the archive's index_to_name.json) and softmax probabilities per image."""
+        names = [self.labels[str(i)] for i in range(len(self.labels))]
+        return dl_inputs.top_k(logits, self.cfg["top_k"], names)
 
     def handle(self, data: list[dict[str, Any]], context) -> list[Any]:
         """One answer per request: predictions for good ones, a JSON 4xx for bad ones."""
