@@ -4,13 +4,21 @@
 verifying it, see :func:`deploylab.models.load_checkpoint`), and otherwise train it -- with a
 progress bar -- and save it. ``prepare()`` builds everything a workshop needs ahead of time.
 
+Models and results that a *lesson* trains (the distilled students, a hyper-parameter sweep) go
+through :func:`lesson_model` and :func:`lesson_result`: the notebook's own training code runs
+once, the outcome is saved with the settings it was made with, and later runs with the same
+settings load it (saying so, with the recorded training time) instead of spending half an hour of
+a workshop on training. Other settings, or ``retrain=True``, train again.
+
 A checkpoint that exists but fails verification is never retrained over: the error says how to
 rebuild it deliberately (``force=True`` / ``deploylab prepare --force``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +28,7 @@ from torch import nn
 
 from . import config, data, models
 from .config import Profile
-from .files import atomic_path
+from .files import atomic_path, atomic_write_json
 from .train import Recipe, evaluate, fit, timed
 
 log = logging.getLogger(__name__)
@@ -167,3 +175,51 @@ def logits(role: str, split: str = "test", profile: Profile | str | None = None,
     with atomic_path(path) as tmp:
         torch.save(out, tmp)
     return out
+
+
+def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as JSON would give them back (tuples become lists), so that saved and new compare equal."""
+    return json.loads(json.dumps(settings, sort_keys=True))
+
+
+def lesson_model(name: str, arch: str, settings: dict[str, Any], train_model: Callable[[nn.Module], dict[str, Any]],
+                 profile: Profile | str | None = None, *, seed: int = 0, retrain: bool = False) -> tuple[Asset, bool]:
+    """A model a lesson trains, saved as checkpoint ``name``; returns ``(asset, loaded_from_disk)``.
+
+    If a verified checkpoint ``name`` exists that was made with exactly ``settings`` (everything
+    that decides the result: recipe, hyper-parameters, the teacher's sha256, data sizes), it is
+    loaded. Otherwise ``arch`` is built after seeding with ``seed``, ``train_model(model)`` trains
+    it and returns metadata to record (history, seconds, accuracy...), and the checkpoint is
+    written atomically with ``settings``. ``retrain=True`` always trains.
+    """
+    profile = profile if isinstance(profile, Profile) else config.get_profile(profile)
+    folder = config.artefacts_dir(profile)
+    settings = _canonical(settings)
+    meta = models.read_metadata(folder, name)
+    if meta is not None and not retrain and meta.get("settings") == settings:
+        model, meta = models.load_checkpoint(folder, name, arch=arch, profile=profile.name)
+        return Asset(model, meta), True
+    config.seed_everything(seed)
+    model = models.build(arch)
+    recorded = train_model(model)
+    meta = models.save_checkpoint(model, folder, name, {"role": name, "arch": arch, "profile": profile.name,
+                                                        "settings": settings, "seed": seed, **recorded})
+    return Asset(model, meta), False
+
+
+def lesson_result(name: str, settings: dict[str, Any], compute: Callable[[], dict[str, Any]],
+                  profile: Profile | str | None = None, *, retrain: bool = False) -> tuple[dict[str, Any], bool]:
+    """A JSON-able result a lesson computes (a sweep), cached like :func:`lesson_model`; returns ``(result, loaded)``."""
+    profile = profile if isinstance(profile, Profile) else config.get_profile(profile)
+    path = config.artefacts_dir(profile) / "cache" / f"{name}.json"
+    settings = _canonical(settings)
+    if path.is_file() and not retrain:
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            saved = {}  # a damaged cache entry is recomputed (and replaced atomically), never trusted
+        if saved.get("settings") == settings and saved.get("data_sha256") == data.DATA_SHA256:
+            return saved["result"], True
+    result = compute()
+    atomic_write_json(path, {"settings": settings, "data_sha256": data.DATA_SHA256, "result": _canonical(result)})
+    return _canonical(result), False

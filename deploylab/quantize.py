@@ -222,11 +222,30 @@ def compile_int8(model: nn.Module) -> nn.Module:
     return torch.compile(model, dynamic=False)
 
 
-def allow_eval(model: nn.Module) -> nn.Module:
-    """Let ``.eval()`` / ``.train()`` work on an exported (prepared or converted) model, as bench and train call them."""
+def allow_eval(model: nn.Module, *, exported_in_eval_mode: bool = False) -> nn.Module:
+    """Let ``.eval()`` / ``.train()`` work on a converted (exported) model, and leave it in eval mode.
+
+    bench and train call ``.eval()``. torchao's first ``.eval()`` of an exported model rewrites the
+    train-mode dropout and batch-norm patterns of its graph, matching them with a strict
+    ``torch.export`` -- which calls ``torch._dynamo.reset()``: every model compiled earlier in the
+    process silently recompiles on its next call. So:
+
+    - a QAT model (exported in train mode) is switched to eval *here*, right after ``convert_pt2e``
+      and before anything is compiled;
+    - a PTQ model exported from ``model.eval()`` (``exported_in_eval_mode=True``) already holds the
+      eval form of those layers; it is only marked as in eval, so its ``.eval()`` is a no-op.
+    """
     from torchao.quantization.pt2e import allow_exported_model_train_eval
 
     allow_exported_model_train_eval(model)
+    try:
+        from torchao.quantization.pt2e.export_utils import _EXPORTED_TRAINING_ATTR
+    except ImportError:  # another torchao: fall back to the rewrite (correct, just resets dynamo once)
+        _EXPORTED_TRAINING_ATTR = None
+    if exported_in_eval_mode and _EXPORTED_TRAINING_ATTR is not None:
+        setattr(model, _EXPORTED_TRAINING_ATTR, False)
+    else:
+        model.eval()
     return model
 
 

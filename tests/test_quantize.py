@@ -160,3 +160,35 @@ def test_program_bytes_does_not_carry_the_storage_of_a_sliced_example():
     from_copy = len(quantize.program_bytes(model, images[:32].clone()))
     assert from_slice == from_copy
     assert from_slice < images.numel() * images.element_size() / 4
+
+
+def test_allow_eval_of_a_ptq_model_does_not_reset_compiled_code(monkeypatch):
+    """The first .eval() of a converted model resets torch.compile's caches (torchao rewrites the graph
+    with a strict export); a PTQ graph exported in eval mode needs no rewrite, so allow_eval skips it."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    calib = data.calibration_set(8)
+
+    def converted():
+        quantizer = X86InductorQuantizer()
+        quantizer.set_global(get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(quantize.export_for_quantization(small_cnn(), calib), quantizer)
+        quantize.calibrate(prepared, quantize.batches_of(calib, 4))
+        return convert_pt2e(prepared)
+
+    resets = []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real_reset())[1])
+    rewritten = quantize.allow_eval(converted())
+    assert resets, "the rewrite path is expected to reset dynamo (if not, torchao changed: revisit allow_eval)"
+    resets.clear()
+    marked = quantize.allow_eval(converted(), exported_in_eval_mode=True)
+    marked.eval()
+    marked.eval()
+    assert resets == []
+    with torch.no_grad():
+        assert torch.equal(marked(calib), rewritten(calib))
