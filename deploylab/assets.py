@@ -210,7 +210,6 @@ def lesson_model(name: str, arch: str, settings: dict[str, Any], train_model: Ca
 def lesson_result(name: str, settings: dict[str, Any], compute: Callable[[], dict[str, Any]],
                   profile: Profile | str | None = None, *, retrain: bool = False) -> tuple[dict[str, Any], bool]:
     """A JSON-able result a lesson computes (a sweep), cached like :func:`lesson_model`; returns ``(result, loaded)``."""
-    profile = profile if isinstance(profile, Profile) else config.get_profile(profile)
     path = config.artefacts_dir(profile) / "cache" / f"{name}.json"
     settings = _canonical(settings)
     if path.is_file() and not retrain:
@@ -220,6 +219,6 @@ def lesson_result(name: str, settings: dict[str, Any], compute: Callable[[], dic
             saved = {}  # a damaged cache entry is recomputed (and replaced atomically), never trusted
         if saved.get("settings") == settings and saved.get("data_sha256") == data.DATA_SHA256:
             return saved["result"], True
-    result = compute()
-    atomic_write_json(path, {"settings": settings, "data_sha256": data.DATA_SHA256, "result": _canonical(result)})
-    return _canonical(result), False
+    result = _canonical(compute())
+    atomic_write_json(path, {"settings": settings, "data_sha256": data.DATA_SHA256, "result": result})
+    return result, False
