@@ -107,8 +107,10 @@ def artefact_files(profile: Profile, exclude: Sequence[str] = ()) -> list[Path]:
     matching one of the ``exclude`` glob patterns (relative to the artefacts folder).
     """
     folder = config.artefacts_dir(profile)
-    if not (folder / "student.json").is_file():
-        raise BundleError(f"no prepared artefacts in {folder}: run `deploylab prepare --profile {profile.name}` first")
+    if models.read_metadata(config.models_dir(profile), "student") is None:  # shipped models travel in the source
+        raise BundleError(f"no student in {config.models_dir(profile)}: run `deploylab prepare --profile {profile.name}` first")
+    if not folder.is_dir():
+        return []
     keep = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()

@@ -14,11 +14,21 @@ def _prepare(args: argparse.Namespace) -> int:
 
     profile = config.get_profile(args.profile)
     print(config.banner(profile))
-    metas = assets.prepare(profile, force=args.force)
+    print(f"models in {config.models_dir(profile)}; resume checkpoints in {config.RESUME_DIR / profile.models}")
+    try:
+        metas = assets.prepare(profile, force=args.force, only=tuple(args.only) if args.only else None)
+    except KeyboardInterrupt:
+        print("interrupted: the finished epochs are kept; run the same command again to continue "
+              "(without --force, which starts over)", file=sys.stderr)
+        return 130
+    total = 0.0
     for role, meta in metas.items():
+        total += meta["training_seconds"]
         print(f"{role}: {meta['arch']}, test accuracy {meta['test_accuracy']:.4f} on {meta['test_images']} images, "
-              f"trained {meta['training_seconds']} s on {meta['training_device']}, sha256 {meta['sha256'][:12]}")
-    print(f"artefacts in {config.artefacts_dir(profile)}")
+              f"trained {meta['training_seconds'] / 60:.1f} min on {meta['training_device']} "
+              f"({meta.get('hardware', {}).get('cpu', '?')}), stored {meta.get('storage', 'float32')}, "
+              f"sha256 {meta['sha256'][:12]}")
+    print(f"training time of these models together: {total / 3600:.2f} h")
     return 0
 
 
@@ -129,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("prepare", help="build the dataset cache, sample images, teacher and student")
     p.add_argument("--profile", help="smoke, workshop or full (default: $DEPLOYLAB_PROFILE or workshop)")
-    p.add_argument("--force", action="store_true", help="retrain and replace existing checkpoints")
+    p.add_argument("--force", action="store_true",
+                   help="retrain from scratch (discarding resume checkpoints); a model is replaced only once its successor is saved")
+    p.add_argument("--only", action="append", choices=["teacher", "student"], help="prepare only this model (repeatable)")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("data", help="find, verify and cache Fashion-MNIST")
@@ -165,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (config.ProfileError, RuntimeError, ValueError, FileNotFoundError) as e:
+    except (config.ProfileError, RuntimeError, ValueError, FileNotFoundError) as e:  # CheckpointError, ResumeError too
         print(f"deploylab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,6 +30,8 @@ class Profile:
     name: str
     train_images: int | None  # images of the training split used to train
     test_images: int | None  # images of the test set used to measure accuracy
+    # The training sizes of the models that `models="smoke"` trains itself (the shipped models'
+    # recipe is assets.SHIPPED_RECIPES); train_images and batch_size also size lesson-side training.
     teacher_epochs: int
     student_epochs: int
     batch_size: int  # training batch; small in smoke so that BatchNorm statistics settle in few images
@@ -38,6 +40,10 @@ class Profile:
     bench_rounds: int  # interleaved rounds (A B C A B C ...)
     bench_repeats: int  # timed calls per variant and round
     augment: bool  # random crop + flip while training
+    # Where the teacher and student come from: "shipped" (trained once with the CPU-first recipe,
+    # committed under models/, loaded and never trained by a lesson) or "smoke" (tiny models the
+    # profile trains itself, so that CI keeps the training code tested).
+    models: str = "shipped"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +63,7 @@ PROFILES: dict[str, Profile] = {
         bench_rounds=2,
         bench_repeats=3,
         augment=False,
+        models="smoke",
     ),
     # A laptop CPU in a live session; artefacts are prepared beforehand (`deploylab prepare`).
     "workshop": Profile(
@@ -72,7 +79,7 @@ PROFILES: dict[str, Profile] = {
         bench_repeats=10,
         augment=False,
     ),
-    # The headline results; training wants a GPU.
+    # The headline results, on the same shipped models as workshop, on 2 CPU cores.
     "full": Profile(
         name="full",
         train_images=None,
@@ -91,6 +98,11 @@ PROFILES: dict[str, Profile] = {
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("DEPLOYLAB_DATA", ROOT / "data"))
 RESULTS_DIR = Path(os.environ.get("DEPLOYLAB_RESULTS", ROOT / "results"))
+# The shipped teacher and student (tracked in git, sha256-verified on load).
+SHIPPED_DIR = Path(os.environ.get("DEPLOYLAB_MODELS", ROOT / "models"))
+# Resume checkpoints of an interrupted `deploylab prepare`: outside the work tree, so that a clean
+# checkout, `git clean` or a new clone on the same machine still finds them.
+RESUME_DIR = Path(os.environ.get("DEPLOYLAB_RESUME", Path.home() / ".cache" / "deploylab" / "resume"))
 
 # CPU latencies are measured with this many threads unless a lesson says otherwise (DESIGN.md).
 BENCH_THREADS = 2
@@ -116,6 +128,12 @@ def artefacts_dir(profile: Profile | str | None = None) -> Path:
     """Folder for the checkpoints and exported models of one profile."""
     p = profile if isinstance(profile, Profile) else get_profile(profile)
     return DATA_DIR / "artefacts" / p.name
+
+
+def models_dir(profile: Profile | str | None = None) -> Path:
+    """Folder of the teacher and student checkpoints a profile uses (shipped, or trained by smoke)."""
+    p = profile if isinstance(profile, Profile) else get_profile(profile)
+    return SHIPPED_DIR if p.models == "shipped" else artefacts_dir(p)
 
 
 def results_dir(profile: Profile | str | None = None) -> Path:

@@ -612,9 +612,10 @@ def load_exported(
             problems.append(f"it was exported for profile {card.get('profile')!r}, not {p.name!r}")
         src = card.get("source_checkpoint") or {}
         if src.get("file") and src.get("sha256"):
-            from .models import read_metadata
+            from .models import ROLES, read_metadata
 
-            current = read_metadata(config.artefacts_dir(p), Path(src["file"]).stem)
+            stem = Path(src["file"]).stem  # the teacher and student live with the profile's models, lesson ones with its artefacts
+            current = read_metadata(config.models_dir(p) if stem in ROLES else config.artefacts_dir(p), stem)
             if current is not None and current.get("sha256") != src["sha256"]:
                 problems.append(f"the checkpoint it was exported from, {src['file']}, has been replaced since (retrained?)")
     if card.get("data_sha256") != data.DATA_SHA256:

@@ -7,10 +7,16 @@ always runs the fp32 model, because that is the model that gets deployed.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import pickle
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +24,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import config, data
+from .files import atomic_path
 from .hardware import cpu_flags
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,46 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def steps(self, n_images: int) -> int:
+        """Optimiser steps of the whole run on ``n_images`` training images."""
+        return self.epochs * math.ceil(n_images / self.batch_size)
+
+
+class ResumeError(RuntimeError):
+    """A resume checkpoint belongs to another training run (another recipe, model or data)."""
+
+
+def load_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved state of an interrupted run at ``path``, or None to start from scratch.
+
+    A file that cannot be read (truncated by a killed process, overwritten) is reported and
+    discarded: the run restarts from scratch, which costs time but never continues from garbage.
+    A readable file made for another run (``identity``: recipe, architecture, data) is refused:
+    continuing it would silently mix two recipes into one model.
+    """
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "epoch" not in state:
+            raise ValueError("not a deploylab resume checkpoint")
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        log.warning("resume checkpoint %s is corrupt (%s: %s); this model restarts from scratch", path, type(e).__name__, e)
+        path.unlink(missing_ok=True)
+        return None
+    if state.get("identity") != identity:
+        have, want = state.get("identity") or {}, identity
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        raise ResumeError(f"resume checkpoint {path} was made by another training run (differs in: {', '.join(diff)}); "
+                          f"refusing to continue it. Start over with `deploylab prepare --force` (or delete {path})")
+    return state
+
+
+def save_resume(path: Path, state: dict[str, Any]) -> None:
+    """Write a resume checkpoint atomically (a kill during the write leaves the previous one intact)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -70,11 +119,22 @@ def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, lo
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, *,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        device: torch.device | None = None, desc: str = "train") -> dict[str, list[float]]:
-    """Train ``model`` on ``(x, y)`` following ``recipe``; returns the per-epoch mean loss.
+        device: torch.device | None = None, desc: str = "train", resume: Path | None = None,
+        resume_identity: dict[str, Any] | None = None, bar: tqdm | None = None,
+        validation: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train ``model`` on ``(x, y)`` following ``recipe``; returns the per-epoch mean loss and the seconds.
 
     ``loss_fn(logits, targets)`` defaults to label-smoothed cross-entropy; the distillation lesson
     passes its own. The model comes back on the CPU in eval mode.
+
+    With ``resume`` (a file path), the complete state -- model, optimiser, schedule, random number
+    generators, epoch, loss history, seconds spent -- is saved there after every epoch, and a run
+    that finds the file continues after its last finished epoch (see :func:`load_resume`;
+    ``resume_identity`` names the run, e.g. architecture and data, in addition to the recipe).
+    The caller deletes the file once the trained model is safely saved. ``bar`` is a progress bar
+    to advance instead of a new one (one bar, one ETA, over several models). With ``validation``
+    (held-out images, never test images), the accuracy after each epoch goes into the history: the
+    learning curve of a run that takes hours, readable while it is still running.
     """
     if recipe.epochs < 1:
         raise ValueError(f"a recipe needs at least one epoch, got {recipe.epochs}")
@@ -85,14 +145,36 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, *,
     model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay, nesterov=True)
-    steps = recipe.epochs * math.ceil(len(x) / recipe.batch_size)
+    steps_per_epoch = math.ceil(len(x) / recipe.batch_size)
+    steps = recipe.steps(len(x))
     if steps < 5:
         raise ValueError(f"{steps} optimiser step(s) are too few for the one-cycle schedule (1 step: learning rate ~0; "
                          f"4 steps: OneCycleLR divides by zero); train on more images or use a smaller batch_size")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=steps, pct_start=0.25)
-    history: dict[str, list[float]] = {"loss": []}
-    with tqdm(total=steps, desc=desc, unit="step") as bar:
-        for epoch in range(recipe.epochs):
+    # per-epoch seconds and load average show whether other work shared the cores during an epoch
+    history: dict[str, Any] = {"loss": [], "seconds": 0.0, "epoch_seconds": [], "epoch_load_average": [],
+                               "val_accuracy": [], "resumed_at_epochs": []}
+    identity = {"recipe": recipe.to_dict(), "train_images": len(x), **(resume_identity or {})}
+    state = load_resume(resume, identity) if resume is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history = state["history"]
+        history["resumed_at_epochs"].append(state["epoch"])
+        for key in ("epoch_seconds", "epoch_load_average", "val_accuracy"):  # checkpoints of an earlier version lack them
+            history.setdefault(key, [])
+        log.info("%s: resuming after epoch %d of %d (%s)", desc, state["epoch"], recipe.epochs, resume)
+    start_epoch = state["epoch"] if state is not None else 0
+    own_bar = bar is None
+    bar = bar if bar is not None else tqdm(total=steps, desc=desc, unit="step")
+    if own_bar and start_epoch:
+        bar.update(start_epoch * steps_per_epoch)
+    try:
+        for epoch in range(start_epoch, recipe.epochs):
+            started = time.perf_counter()
             model.train()
             total, count = 0.0, 0
             for xb, yb in batches(x, y, recipe.batch_size, shuffle=True, generator=gen):
@@ -103,10 +185,36 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, *,
                 scheduler.step()
                 total, count = total + loss * len(xb), count + len(xb)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{total / count:.3f}")
+                bar.set_postfix(model=desc, epoch=f"{epoch + 1}/{recipe.epochs}", loss=f"{total / count:.3f}")
             history["loss"].append(total / count)
+            history["seconds"] += time.perf_counter() - started
+            history["epoch_seconds"].append(round(time.perf_counter() - started, 1))
+            history["epoch_load_average"].append(round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
+            if validation is not None:
+                history["val_accuracy"].append(round(_accuracy_on(model, *validation, device=device), 4))
+                log.info("%s: epoch %d/%d, loss %.4f, validation accuracy %.4f", desc, epoch + 1, recipe.epochs,
+                         history["loss"][-1], history["val_accuracy"][-1])
+            if resume is not None:
+                save_resume(resume, {"identity": identity, "epoch": epoch + 1, "model": model.state_dict(),
+                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                     "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                                     "history": history})
+    finally:
+        if own_bar:
+            bar.close()
     model.cpu().eval()
     return history
+
+
+@torch.inference_mode()
+def _accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device, batch_size: int = 256) -> float:
+    """Top-1 accuracy of a model that stays on ``device`` (between training epochs; fit puts it back in train mode)."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+        correct += (model(xb).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
+    return correct / len(x)
 
 
 @torch.inference_mode()

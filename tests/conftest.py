@@ -9,9 +9,12 @@ from deploylab import config, data
 
 @pytest.fixture
 def tmp_dirs(tmp_path, monkeypatch):
-    """Point DATA_DIR and RESULTS_DIR at a temporary folder (the real dataset cache stays readable)."""
+    """Point DATA_DIR, RESULTS_DIR, the shipped models and the resume checkpoints at a temporary folder
+    (the real dataset cache stays readable; a real `deploylab prepare` running beside the tests is untouched)."""
     monkeypatch.setattr(config, "DATA_DIR", tmp_path / "data")
     monkeypatch.setattr(config, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(config, "SHIPPED_DIR", tmp_path / "models")
+    monkeypatch.setattr(config, "RESUME_DIR", tmp_path / "resume")
     data.load_fashion_mnist.cache_clear()
     data.tensors.cache_clear()
     yield tmp_path
