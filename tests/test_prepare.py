@@ -6,6 +6,7 @@ the shipped models are replaced by one-epoch ones for the same reason. The code 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,8 +36,12 @@ class Interrupt(KeyboardInterrupt):
     pass
 
 
-def interrupt_after(monkeypatch, epochs: int) -> list[int]:
-    """Make fit() stop like Ctrl-C right after it saved the resume checkpoint of epoch ``epochs``."""
+@contextlib.contextmanager
+def interrupt_after(epochs: int):
+    """Inside the block, fit() stops like Ctrl-C right after it saved the resume checkpoint of epoch ``epochs``.
+
+    Its own MonkeyPatch, so that leaving the block undoes only this (not the fixtures' temporary folders).
+    """
     saved: list[int] = []
     real = train.save_resume
 
@@ -46,22 +51,21 @@ def interrupt_after(monkeypatch, epochs: int) -> list[int]:
         if state["epoch"] == epochs:
             raise Interrupt
 
-    monkeypatch.setattr(train, "save_resume", save_then_stop)
-    return saved
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "save_resume", save_then_stop)
+        yield saved
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, xy, monkeypatch):
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, xy):
     x, y = xy
     straight = tiny_net()
     train.fit(straight, x, y, RECIPE, device=torch.device("cpu"))
 
     resume = tmp_path / "resume.pt"
     interrupted = tiny_net()
-    saved = interrupt_after(monkeypatch, 1)
-    with pytest.raises(Interrupt):
+    with interrupt_after(1) as saved, pytest.raises(Interrupt):
         train.fit(interrupted, x, y, RECIPE, device=torch.device("cpu"), resume=resume)
     assert saved == [1] and resume.is_file()
-    monkeypatch.undo()
     again = tiny_net()  # a new process would start from a fresh model
     history = train.fit(again, x, y, RECIPE, device=torch.device("cpu"), resume=resume)
     assert history["resumed_at_epochs"] == [1] and len(history["loss"]) == 3
@@ -79,13 +83,11 @@ def test_a_corrupt_resume_checkpoint_restarts_from_scratch(tmp_path, xy, caplog)
     assert history["resumed_at_epochs"] == [] and len(history["loss"]) == 3
 
 
-def test_a_resume_checkpoint_of_another_recipe_is_refused(tmp_path, xy, monkeypatch):
+def test_a_resume_checkpoint_of_another_recipe_is_refused(tmp_path, xy):
     x, y = xy
     resume = tmp_path / "resume.pt"
-    interrupt_after(monkeypatch, 1)
-    with pytest.raises(Interrupt):
+    with interrupt_after(1), pytest.raises(Interrupt):
         train.fit(tiny_net(), x, y, RECIPE, device=torch.device("cpu"), resume=resume)
-    monkeypatch.undo()
     before = resume.read_bytes()
     with pytest.raises(train.ResumeError, match=r"differs in: recipe.*--force"):
         train.fit(tiny_net(), x, y, dataclasses.replace(RECIPE, lr=0.1), device=torch.device("cpu"), resume=resume)
@@ -157,16 +159,14 @@ def test_a_damaged_shipped_model_is_refused_with_the_fix(tiny_shipped, damage):
         assets.student("workshop")
 
 
-def test_an_interrupted_force_run_never_replaces_the_good_model(tiny_shipped, monkeypatch):
+def test_an_interrupted_force_run_never_replaces_the_good_model(tiny_shipped):
     assets.prepare("workshop", only=("student",), logits_cache=False)
     pt = config.SHIPPED_DIR / "student.pt"
     good = pt.read_bytes()
-    interrupt_after(monkeypatch, 1)
-    with pytest.raises(Interrupt):
+    with interrupt_after(1), pytest.raises(Interrupt):
         assets.prepare("workshop", only=("student",), force=True, logits_cache=False)
     assert pt.read_bytes() == good and assets.student("workshop").meta["sha256"] == models.sha256_file(pt)
     assert assets.resume_path("student", tiny_shipped).is_file()  # the finished epoch is kept for the next run
-    monkeypatch.undo()
     metas = assets.prepare("workshop", only=("student",), logits_cache=False)  # the same command again: continues
     assert metas["student"]["resumed_at_epochs"] == [1] and metas["student"]["sha256"] == models.sha256_file(pt)
     assert not assets.resume_path("student", tiny_shipped).is_file()
