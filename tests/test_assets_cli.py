@@ -28,7 +28,7 @@ def test_a_checkpoint_of_an_older_recipe_is_refused_with_the_rebuild_command(tmp
     models.save_checkpoint(models.build("mobilenet_v2"), folder, "student",
                            {**meta, "recipe": {**recipe, "batch_size": recipe["batch_size"] * 4}})
     before = (folder / "student.pt").read_bytes()
-    with pytest.raises(models.CheckpointError, match=r"recipe batch_size.*prepare --profile smoke --force"):
+    with pytest.raises(models.CheckpointError, match=r"recipe batch_size.*prepare --profile smoke --only student --force"):
         assets.student("smoke")
     assert (folder / "student.pt").read_bytes() == before
 
