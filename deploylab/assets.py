@@ -154,7 +154,7 @@ def _save(model: nn.Module, role: str, profile: Profile, meta: dict[str, Any]) -
         half.load_state_dict({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()})
         x_test, y_test = data.tensors("test", profile.test_images)
         meta["test_accuracy_fp32"] = meta["test_accuracy"]
-        meta["test_accuracy_fp16_storage"] = evaluate(half.float().eval(), x_test, y_test)
+        meta["test_accuracy_fp16_storage"] = evaluate(half.eval(), x_test, y_test)  # fp32 model, fp16-rounded weights
         if abs(meta["test_accuracy_fp16_storage"] - meta["test_accuracy"]) < FP16_TOLERANCE:
             storage, meta["test_accuracy"] = torch.float16, meta["test_accuracy_fp16_storage"]
     meta = models.save_checkpoint(model, folder, role, meta, storage=storage)
@@ -174,7 +174,11 @@ def manifest_problems(folder: Path, name: str) -> list[str]:
     path = folder / MANIFEST
     if not path.is_file():
         return [f"{path} is missing"]
-    listed = dict(reversed(line.split(None, 1)) for line in path.read_text().splitlines() if line.strip())
+    listed = {}  # file name -> sha256, from `sha256sum`'s "<digest>  <name>" lines
+    for line in path.read_text().splitlines():
+        if line.strip():
+            digest, file_name = line.split(None, 1)
+            listed[file_name] = digest
     want = listed.get(f"{name}.pt")
     if want is None:
         return [f"{name}.pt is not listed in {path}"]
@@ -289,7 +293,8 @@ def _resumed_steps(role: str, profile: Profile, n_train: int) -> int:
     if not path.is_file():
         return 0
     try:
-        epoch = torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+        # mmap: only the epoch number is read here, not the whole state (fit() loads it once, later)
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
     except Exception:  # fit() reports and discards a corrupt file; here it only means "no progress"
         return 0
     return epoch * math.ceil(n_train / recipe_for(role, profile).batch_size)
