@@ -15,8 +15,9 @@ setup:
 lab: setup
 	$(BIN)/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
-# Everything: unit tests, then every notebook under nbval, in the smoke profile.
+# Everything: the linter, unit tests, then every notebook under nbval, in the smoke profile.
 test: setup
+	$(BIN)/ruff check deploylab handlers tests
 	DEPLOYLAB_PROFILE=smoke $(BIN)/python -m pytest -p no:cacheprovider -ra --durations=15 tests $(NOTEBOOKS) $(PYTEST_NB)
 
 test-unit: setup

@@ -1,4 +1,4 @@
-"""deploylab: the helper package of the course (see README.md and ../shared/DESIGN.md)."""
+"""deploylab: the helper package of the course (see README.md and docs/ARCHITECTURE.md)."""
 
 from .config import banner, get_profile
 

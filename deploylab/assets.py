@@ -38,7 +38,7 @@ from . import config, data, models
 from .config import Profile
 from .files import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 from .hardware import hardware_report
-from .train import Recipe, evaluate, fit
+from .train import Recipe, autocast_dtype, evaluate, fit, predict
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,12 @@ def recipe_problems(role: str, profile: Profile, meta: dict[str, Any]) -> list[s
     return problems
 
 
+def training_precision(device: torch.device) -> str:
+    """How :func:`train.fit` computes on ``device``: ``"bfloat16 autocast"`` or ``"float32"``."""
+    amp = autocast_dtype(device)
+    return "float32" if amp is None else f"{str(amp).removeprefix('torch.')} autocast"
+
+
 def _train(role: str, profile: Profile, bar: tqdm | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``role`` at the sizes of ``profile`` (resuming an interrupted run); returns model and metadata."""
     config.seed_everything(0)
@@ -130,6 +136,9 @@ def _train(role: str, profile: Profile, bar: tqdm | None = None) -> tuple[nn.Mod
         "train_images": len(x),
         "training_seconds": round(history["seconds"], 1),
         "training_device": str(device) if device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(0)})",
+        # bf16 autocast where the hardware has fast bf16 (train.autocast_dtype), else fp32: the same
+        # recipe rounds differently on such machines, so the record says which one trained it
+        "training_precision": training_precision(device),
         "resumed_at_epochs": history["resumed_at_epochs"],
         "epoch_seconds": history["epoch_seconds"],
         "epoch_load_average": history["epoch_load_average"],
@@ -198,7 +207,7 @@ def load_or_build(role: str, profile: Profile | str | None = None, *, build: boo
     """
     if role not in models.ROLES:
         raise ValueError(f"unknown role {role!r}: choose one of {', '.join(models.ROLES)}")
-    profile = profile if isinstance(profile, Profile) else config.get_profile(profile)
+    profile = config.get_profile(profile)
     folder = config.models_dir(profile)
     exists = models.read_metadata(folder, role) is not None
     if exists and not force:
@@ -259,7 +268,7 @@ def prepare(profile: Profile | str | None = None, *, force: bool = False, only: 
     ETA covers the whole preparation; an interrupted run continues from its resume checkpoints,
     ``force`` discards them and starts over. A model that exists is verified, not retrained.
     """
-    profile = profile if isinstance(profile, Profile) else config.get_profile(profile)
+    profile = config.get_profile(profile)
     roles = tuple(only or models.ROLES)
     ds = data.load_fashion_mnist()
     log.info("Fashion-MNIST from %s, sha256 %s", ds.source, data.DATA_SHA256[:12])
@@ -309,9 +318,7 @@ def logits(role: str, split: str = "test", profile: Profile | str | None = None,
     train: ``train_images``); the cache key includes the checkpoint's sha256, so a new checkpoint
     never reuses old logits.
     """
-    from .train import predict
-
-    profile = profile if isinstance(profile, Profile) else config.get_profile(profile)
+    profile = config.get_profile(profile)
     if limit == -1:
         limit = {"test": profile.test_images, "train": profile.train_images, "val": None}[split]
     asset = load_or_build(role, profile, build=False)
@@ -341,7 +348,7 @@ def lesson_model(name: str, arch: str, settings: dict[str, Any], train_model: Ca
     it and returns metadata to record (history, seconds, accuracy...), and the checkpoint is
     written atomically with ``settings``. ``retrain=True`` always trains.
     """
-    profile = profile if isinstance(profile, Profile) else config.get_profile(profile)
+    profile = config.get_profile(profile)
     folder = config.artefacts_dir(profile)
     settings = _canonical(settings)
     meta = models.read_metadata(folder, name)

@@ -1,6 +1,6 @@
 """Measuring speed honestly: latency percentiles, interleaved comparisons, throughput, size.
 
-Rules (DESIGN.md, "Measuring"): warm up first; compare variants in interleaved rounds
+Rules (docs/ARCHITECTURE.md, "Measuring"): warm up first; compare variants in interleaved rounds
 (A B C A B C ...) so that drift of the machine -- thermal, a background job -- hits all of them
 alike; report p50/p90/p99 and mean; batch 1 and batch 32; set the thread count explicitly and
 record it with the hardware report.
@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Profile, get_profile
+from .tables import markdown_table
 
 BATCH_SIZES = (1, 32)
 
@@ -160,8 +162,38 @@ def state_dict_size(model: nn.Module) -> int:
 
 def latency_table(results: Mapping[str, Mapping[int, LatencyStats]]) -> str:
     """Markdown table of :func:`compare_latency` results (one row per variant and batch size)."""
-    rows = ["| variant | batch | p50 ms | p90 ms | p99 ms | mean ms | images/s |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, per in results.items():
-        for b, s in sorted(per.items()):
-            rows.append(f"| {name} | {b} | {s.p50_ms:.2f} | {s.p90_ms:.2f} | {s.p99_ms:.2f} | {s.mean_ms:.2f} | {s.throughput:.0f} |")
-    return "\n".join(rows)
+    return markdown_table([
+        {"variant": name, "batch": b, "p50 ms": f"{s.p50_ms:.2f}", "p90 ms": f"{s.p90_ms:.2f}", "p99 ms": f"{s.p99_ms:.2f}",
+         "mean ms": f"{s.mean_ms:.2f}", "images/s": f"{s.throughput:.0f}"}
+        for name, per in results.items() for b, s in sorted(per.items())])
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``example``, counted by PyTorch's ``FlopCounterMode``.
+
+    The counter reports FLOPs of convolutions and matrix products (2 per multiply-add, groups and
+    strides accounted for) and ignores cheap element-wise work (BatchNorm, ReLU, adds), the usual
+    convention for MACs; so MACs = FLOPs / 2.
+    """
+    return sum(macs_by_layer_type(model, example).values())
+
+
+def macs_by_layer_type(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """:func:`count_macs` split into ``Conv2d`` (convolutions) and ``Linear`` (matrix products).
+
+    Shows where a model's work is: dynamic quantization of ``Linear`` layers can only speed up the
+    ``Linear`` share.
+    """
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+    totals = {"Conv2d": 0, "Linear": 0}
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        name = str(op).rsplit(".", 1)[-1]  # aten.convolution, aten.addmm, aten.mm ...
+        totals["Conv2d" if "conv" in name else "Linear"] += flops // 2
+    return totals

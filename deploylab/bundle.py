@@ -32,9 +32,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import config, data, models
+from . import artefacts, config, data, models
 from .config import Profile
 from .files import atomic_path, sha256_file
+from .hardware import library_versions
 
 LOCK = config.ROOT / "requirements" / "lock.txt"
 MANIFEST = "MANIFEST.sha256"
@@ -123,7 +124,7 @@ def artefact_files(profile: Profile, exclude: Sequence[str] = ()) -> list[Path]:
         if path.suffix == ".pt" and path.with_suffix(".json").is_file():
             meta = json.loads(path.with_suffix(".json").read_text())
             if "sha256" in meta:
-                problems = models.artefact_problems(path, meta, profile=profile.name)
+                problems = artefacts.problems(path, meta, profile=profile.name)
                 if problems:
                     raise BundleError(f"{path} does not match its metadata ({'; '.join(problems)}); "
                                       f"rebuild it (`deploylab prepare --profile {profile.name} --force`) or exclude it")
@@ -195,7 +196,7 @@ def build(out: str | os.PathLike, profile: Profile | str | None = None, *, requi
     ``requirements`` defaults to the whole lock file (with the CUDA build of torch: several GB); a
     smaller file gives a partial bundle, e.g. for a test. ``exclude``: glob patterns of artefacts to leave out.
     """
-    profile = profile if isinstance(profile, Profile) else config.get_profile(profile)
+    profile = config.get_profile(profile)
     out, requirements = Path(out), Path(requirements)
     if not requirements.is_file():
         raise BundleError(f"no requirements file {requirements}")
@@ -230,7 +231,7 @@ def build(out: str | os.PathLike, profile: Profile | str | None = None, *, requi
             "dataset_files": {f"{stem}.gz": digest for stem, digest in data.FILES.values()},  # of the decoded files
             "requirements": requirements.name, "python": f"{sys.version_info.major}.{sys.version_info.minor}",
             "platform": sys.platform, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "deploylab": models.library_versions().get("deploylab")}
+            "deploylab": library_versions().get("deploylab")}
     (out / INFO).write_text(json.dumps(info, indent=2) + "\n")
     write_manifest(out)
     log(f"bundle ready in {time.perf_counter() - t0:.0f} s: {out} (verify: deploylab bundle --verify {out}; "
@@ -295,7 +296,8 @@ export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
 [ -x "$TARGET/.venv/bin/python" ] || "$PYTHON" -m venv "$TARGET/.venv"
 say "installing $(ls "$BUNDLE/wheels" | wc -l) wheels (pip install --no-index --find-links wheels)"
 "$TARGET/.venv/bin/python" -m pip install -q --no-index --find-links "$BUNDLE/wheels" -r "$BUNDLE/requirements.txt" \
-  || die "pip could not install the bundle's wheels offline (wrong Python version or platform? the bundle says: $(cat "$BUNDLE/bundle.json" | tr -d '\n '))"
+  || die "pip could not install the bundle's wheels offline (wrong Python version or platform?" \
+         "the bundle says: $(cat "$BUNDLE/bundle.json" | tr -d '\n '))"
 "$TARGET/.venv/bin/python" -m pip install -q --no-index --find-links "$BUNDLE/wheels" --no-deps -e "$TARGET" \
   || die "pip could not install deploylab itself from $TARGET"
 if "$TARGET/.venv/bin/python" -c "import ipykernel" 2>/dev/null; then

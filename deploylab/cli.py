@@ -66,25 +66,25 @@ def _serve(args: argparse.Namespace) -> int:
     """Build the student's archive, serve it on 127.0.0.1 until Ctrl-C, print how to call it."""
     import json
     import shlex
+    import shutil
     import signal
     import tempfile
     import time
     from pathlib import Path
 
-    import shutil
-
-    from . import assets, data, serve
+    from . import assets, data, deployable
+    from .serving import torchserve
 
     profile = config.get_profile(args.profile)
     print(config.banner(profile))
-    problem = serve.java_problem()
+    problem = torchserve.java_problem()
     if problem:
         raise RuntimeError(problem)
-    onnx_path = serve.student_onnx(profile)
+    onnx_path = deployable.student_onnx(profile)
     workdir = Path(tempfile.mkdtemp(prefix="deploylab-serve-"))
     store = workdir / "model-store"
-    cfg = serve.ModelConfig(min_workers=args.workers, max_workers=args.workers)
-    mar = serve.build_archive(onnx_path, store, args.model, cfg)
+    cfg = torchserve.ModelConfig(min_workers=args.workers, max_workers=args.workers)
+    mar = torchserve.build_archive(onnx_path, store, args.model, cfg)
     print(f"archive: {mar} (from {onnx_path.name})")
     samples = sorted(assets.sample_images_dir().glob("*.png")) or data.write_sample_images(assets.sample_images_dir())
 
@@ -92,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    server = serve.TorchServe(store, {args.model: mar.name}, workdir=workdir / "torchserve")
+    server = torchserve.TorchServe(store, {args.model: mar.name}, workdir=workdir / "torchserve")
     try:
         with server:
             url = f"{server.url('inference')}/predictions/{args.model}"

@@ -1,7 +1,7 @@
 """Profiles, paths, device, threads and seeds: the settings every lesson shares.
 
 One environment variable, ``DEPLOYLAB_PROFILE``, chooses the size of everything (see
-``../shared/DESIGN.md``). A profile changes sizes only -- numbers of images, epochs, benchmark
+``docs/ARCHITECTURE.md``). A profile changes sizes only -- numbers of images, epochs, benchmark
 repetitions -- never code paths, so ``smoke`` runs exactly the cells that ``full`` runs.
 """
 
@@ -104,16 +104,20 @@ SHIPPED_DIR = Path(os.environ.get("DEPLOYLAB_MODELS", ROOT / "models"))
 # checkout, `git clean` or a new clone on the same machine still finds them.
 RESUME_DIR = Path(os.environ.get("DEPLOYLAB_RESUME", Path.home() / ".cache" / "deploylab" / "resume"))
 
-# CPU latencies are measured with this many threads unless a lesson says otherwise (DESIGN.md).
+# CPU latencies are measured with this many threads unless a lesson says otherwise (docs/ARCHITECTURE.md, "Measuring").
 BENCH_THREADS = 2
 
 
-def get_profile(name: str | None = None) -> Profile:
+def get_profile(name: Profile | str | None = None) -> Profile:
     """Return the profile named ``name``, else the one in ``$DEPLOYLAB_PROFILE``, else workshop.
 
-    An unknown name raises :class:`ProfileError` listing the valid ones -- never a silent fallback,
-    because a typo would otherwise train or measure at the wrong size.
+    A :class:`Profile` is returned as it is: every function that takes a profile accepts a
+    Profile, a name or None and resolves it here, in one place. An unknown name raises
+    :class:`ProfileError` listing the valid ones -- never a silent fallback, because a typo would
+    otherwise train or measure at the wrong size.
     """
+    if isinstance(name, Profile):
+        return name
     name = name or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
     key = name.strip().lower()
     if key not in PROFILES:
@@ -126,19 +130,19 @@ def get_profile(name: str | None = None) -> Profile:
 
 def artefacts_dir(profile: Profile | str | None = None) -> Path:
     """Folder for the checkpoints and exported models of one profile."""
-    p = profile if isinstance(profile, Profile) else get_profile(profile)
+    p = get_profile(profile)
     return DATA_DIR / "artefacts" / p.name
 
 
 def models_dir(profile: Profile | str | None = None) -> Path:
     """Folder of the teacher and student checkpoints a profile uses (shipped, or trained by smoke)."""
-    p = profile if isinstance(profile, Profile) else get_profile(profile)
+    p = get_profile(profile)
     return SHIPPED_DIR if p.models == "shipped" else artefacts_dir(p)
 
 
 def results_dir(profile: Profile | str | None = None) -> Path:
     """Folder for the JSON result records of one profile."""
-    p = profile if isinstance(profile, Profile) else get_profile(profile)
+    p = get_profile(profile)
     return RESULTS_DIR / p.name
 
 

@@ -1,6 +1,6 @@
 """Fashion-MNIST: finding it, verifying it, splitting it and turning it into model inputs.
 
-Sources, in this order (DESIGN.md): a cached copy under ``data/fashion-mnist``; Debian's package
+Sources, in this order: a cached copy under ``data/fashion-mnist``; Debian's package
 ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``); torchvision's download. Whatever
 is read is verified against pinned sha256 hashes of the *decoded* IDX files (the ``.gz`` wrappers
 differ between sources, the arrays must not). Nothing synthetic is ever substituted.
@@ -214,9 +214,12 @@ def split_size(split: str, limit: int | None = None) -> int:
     return sizes[split] if limit is None else min(limit, sizes[split])
 
 
-@lru_cache(maxsize=8)
-def tensors(split: str, limit: int | None = None, seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preprocessed ``(inputs, labels)`` of ``train``, ``val`` or ``test``, optionally a seeded subset."""
+def raw_split(split: str, limit: int | None = None, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 ``(images, labels)`` of ``train``, ``val`` or ``test``, optionally a seeded subset.
+
+    These are the images :func:`tensors` preprocesses, as they are before preprocessing: what a
+    client of a served model sends (the serving lessons encode them as PNG).
+    """
     ds = load_fashion_mnist()
     if split == "test":
         images, labels = ds.test_images, ds.test_labels
@@ -227,7 +230,14 @@ def tensors(split: str, limit: int | None = None, seed: int = SPLIT_SEED) -> tup
     else:
         raise ValueError(f"unknown split {split!r}: use 'train', 'val' or 'test'")
     keep = _take(len(labels), limit, seed)
-    return preprocess(images[keep]), torch.from_numpy(labels[keep])
+    return images[keep], labels[keep]
+
+
+@lru_cache(maxsize=8)
+def tensors(split: str, limit: int | None = None, seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preprocessed ``(inputs, labels)`` of ``train``, ``val`` or ``test``, optionally a seeded subset."""
+    images, labels = raw_split(split, limit, seed)
+    return preprocess(images), torch.from_numpy(labels)
 
 
 def calibration_set(n: int, seed: int = 1) -> torch.Tensor:

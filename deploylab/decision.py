@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .config import Profile
+from .results import read_results
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,6 @@ def build_rows(records: Sequence[dict[str, Any]], catalogue: Sequence[Entry] = C
 
 def load(profile: Profile | str | None = None) -> tuple[list[Row], list[str]]:
     """:func:`build_rows` of the records of ``profile``."""
-    from .results import read_results
-
     return build_rows(read_results(profile))
 
 

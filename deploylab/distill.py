@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .config import Profile
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,9 @@ SIZES: dict[str, DistillSizes] = {
 }
 
 
-def sizes_for(profile_name: str) -> DistillSizes:
-    """The lesson's sizes for ``profile_name`` (smoke, workshop or full)."""
-    if profile_name not in SIZES:
-        raise ValueError(f"no distillation sizes for profile {profile_name!r}: choose one of {', '.join(SIZES)}")
-    return SIZES[profile_name]
+def sizes(profile: Profile) -> DistillSizes:
+    """The lesson's sizes for ``profile``."""
+    return SIZES[profile.name]
 
 
 def _check_hyperparameters(temperature: float, alpha: float) -> None:
@@ -184,24 +183,6 @@ def matched_epochs(epochs: int, n_all: int, n_labeled: int, batch_size: int = 12
         raise ValueError(f"need epochs >= 1 and 1 <= n_labeled <= n_all, got {epochs}, {n_labeled}, {n_all}")
     steps = epochs * math.ceil(n_all / batch_size)
     return max(epochs, round(steps / math.ceil(n_labeled / batch_size)))
-
-
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on ``example``, counted by ``FlopCounterMode``.
-
-    PyTorch's counter reports FLOPs of convolutions and matrix products (2 per multiply-add, groups
-    and strides accounted for) and ignores cheap element-wise work (BatchNorm, ReLU, adds), the
-    usual convention for MACs; so MACs = FLOPs / 2.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(example)
-    model.train(was_training)
-    return counter.get_total_flops() // 2
 
 
 def gain_summary(gains: list[float]) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""ONNX export, verification, ONNX Runtime sessions, static INT8 quantization and model cards.
+"""ONNX export, verification and model cards (ONNX Runtime sessions and INT8 are :mod:`deploylab.onnxrt`).
 
 The path every exported model takes in this course (lesson 04):
 
@@ -8,23 +8,21 @@ The path every exported model takes in this course (lesson 04):
 2. :func:`verify` -- ``onnx.checker`` (full check) and parity with PyTorch on real test images:
    maximum absolute difference of the logits and top-1 agreement. It raises
    :class:`ParityError` when parity breaks, so a broken export never goes further silently.
-3. :func:`session` -- an ONNX Runtime session with explicit threads and graph optimization level.
-4. :func:`quantize_int8` -- ONNX Runtime static INT8 (``quantize_static``) calibrated on real
-   training images read by :class:`CalibrationReader`.
-5. :func:`write_card` / :func:`load_exported` -- a model card JSON next to each exported file
+3. :func:`write_card` / :func:`load_exported` -- a model card JSON next to each exported file
    (inputs, preprocessing, class names, accuracy, parity, exporter, opset, sha256), which the
    serving lesson reads; loading refuses a file whose sha256 does not match its card.
+
+The servers import this module for :func:`load_exported`, inside a serving image that carries no
+training stack (no torchvision): :mod:`deploylab.models` and :mod:`deploylab.train` are therefore
+imported inside the two functions that need them, never at the top.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import config, data
+from . import artefacts, config, data
 from .config import Profile
-from .files import atomic_path, atomic_write_json, sha256_file
+from .files import atomic_path, atomic_write_json
+from .onnxrt import INPUT_NAME, run, session
 
-INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DYNAMO_OPSET = 18  # the dynamo exporter's default opset (its translation functions are written for 18)
 LEGACY_OPSET = 13  # what older blog posts and tutorials use with the TorchScript exporter
@@ -213,78 +211,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# 2. ONNX Runtime sessions
-# --------------------------------------------------------------------------------------------
-
-OPT_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def session(
-    path: str | os.PathLike,
-    *,
-    threads: int = config.BENCH_THREADS,
-    optimization: str = "all",
-    optimized_path: str | os.PathLike | None = None,
-    spinning: bool = False,
-):
-    """An ONNX Runtime CPU session with explicit threads and graph optimization level.
-
-    ``threads`` is the intra-op pool size (the calling thread counts as one of them);
-    ``inter_op`` stays 1 (sequential execution). ``optimization`` is one of :data:`OPT_LEVELS`;
-    ``optimized_path`` saves the graph after optimization (at level ``all`` it contains
-    CPU-specific fused/layout ops: save at ``extended`` for a portable file). ``spinning=False``
-    stops the pool threads from busy-waiting after each run: on 2 shared cores a spinning pool would
-    steal time from whatever runs next (the next variant of an interleaved benchmark, a web server).
-    """
-    import onnxruntime as ort
-
-    if optimization not in OPT_LEVELS:
-        raise ValueError(f"optimization must be one of {', '.join(OPT_LEVELS)}, got {optimization!r}")
-    if threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no ONNX file at {path}; export it first (export.export_onnx)")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if optimized_path is not None:
-        Path(optimized_path).parent.mkdir(parents=True, exist_ok=True)
-        so.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if arr.dtype != np.float32:
-        raise TypeError(f"ONNX model inputs are float32 (data.preprocess output), got {arr.dtype}")
-    return np.ascontiguousarray(arr)
-
-
-def run(sess, x: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits of an ONNX Runtime session for all of ``x``, in batches."""
-    arr = _numpy(x)
-    name = sess.get_inputs()[0].name
-    if len(arr) == 0:
-        raise ValueError("no inputs to run")
-    return np.concatenate([sess.run(None, {name: arr[i : i + batch_size]})[0] for i in range(0, len(arr), batch_size)])
-
-
-def as_callable(sess) -> Callable[[torch.Tensor], np.ndarray]:
-    """A one-argument function for :func:`deploylab.bench.compare_latency` (takes a torch batch)."""
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x.numpy()})
-
-
-# --------------------------------------------------------------------------------------------
-# 3. Verification
+# 2. Verification
 # --------------------------------------------------------------------------------------------
 
 
@@ -365,7 +292,7 @@ def verify(
         raise ValueError("verify needs real test images: got an empty input batch")
     check_model(path)
     if isinstance(reference, nn.Module):
-        from .train import predict
+        from .train import predict  # lazy: the serving image has no torchvision (see the module docstring)
 
         reference = predict(reference, inputs)
     if len(reference) != len(inputs):
@@ -387,123 +314,7 @@ def verify(
 
 
 # --------------------------------------------------------------------------------------------
-# 4. Static INT8 with ONNX Runtime
-# --------------------------------------------------------------------------------------------
-
-
-def _reader_base():
-    from onnxruntime.quantization import CalibrationDataReader
-
-    return CalibrationDataReader
-
-
-class CalibrationReader(_reader_base()):
-    """Feeds real preprocessed images to ``quantize_static``, ``batch_size`` at a time.
-
-    Use ``data.calibration_set(n)`` (training images, never test images). An empty or malformed
-    set raises at construction: ``quantize_static`` would otherwise fail deep inside with an
-    obscure error, or calibrate on nothing.
-    """
-
-    def __init__(self, images: torch.Tensor | np.ndarray, input_name: str = INPUT_NAME, batch_size: int = 32):
-        arr = _numpy(images) if len(images) else np.empty((0,))
-        if arr.size == 0 or len(arr) == 0:
-            raise ValueError("the calibration reader got no images: pass real preprocessed images, "
-                             "e.g. data.calibration_set(profile.calibration_images)")
-        if arr.ndim != 4:
-            raise ValueError(f"calibration images must be a batch (N, C, H, W), got shape {arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError("calibration images contain NaN or infinity")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.images, self.input_name, self.batch_size = arr, input_name, batch_size
-        self.batches_read = 0
-        self._iter = self._batches()
-
-    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-        for i in range(0, len(self.images), self.batch_size):
-            yield {self.input_name: self.images[i : i + self.batch_size]}
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._iter, None)
-        if batch is not None:
-            self.batches_read += 1
-        return batch
-
-    def rewind(self) -> None:
-        """Start again from the first batch (ONNX Runtime may read the data more than once)."""
-        self._iter = self._batches()
-
-    def __len__(self) -> int:
-        return -(-len(self.images) // self.batch_size)
-
-
-@dataclass(frozen=True)
-class Int8Config:
-    """One ONNX Runtime static-quantization configuration."""
-
-    format: str = "qdq"  # "qdq" (QuantizeLinear/DequantizeLinear pairs) or "qoperator" (QLinearConv...)
-    per_channel: bool = True
-    reduce_range: bool | None = None  # None: True only on CPUs without VNNI (ONNX Runtime's advice)
-
-    @property
-    def name(self) -> str:
-        return f"{self.format} {'per-channel' if self.per_channel else 'per-tensor'}"
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "reduce_range": self.effective_reduce_range()}
-
-    def effective_reduce_range(self) -> bool:
-        if self.reduce_range is not None:
-            return self.reduce_range
-        from .hardware import cpu_flags
-
-        flags = cpu_flags()
-        return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
-
-
-INT8_CONFIGS = tuple(Int8Config(fmt, pc) for fmt in ("qdq", "qoperator") for pc in (True, False))
-
-
-def quantize_int8(
-    fp32_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    calibration: CalibrationReader,
-    cfg: Int8Config = Int8Config(),
-) -> Path:
-    """Static INT8 of an fp32 ONNX file with ``onnxruntime.quantization.quantize_static``.
-
-    Steps: ``quant_pre_process`` (shape inference and graph clean-up that the quantizer needs),
-    then calibration (MinMax ranges of every activation over the calibration images), then the
-    quantized graph in ``cfg.format``. Activations are uint8 and weights int8 (ONNX Runtime's
-    advice for x86). Written to a temporary file and renamed on success.
-    """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
-
-    if not isinstance(calibration, CalibrationReader):
-        raise TypeError("calibration must be an export.CalibrationReader over real images")
-    if cfg.format not in ("qdq", "qoperator"):
-        raise ValueError(f"format must be 'qdq' or 'qoperator', got {cfg.format!r}")
-    out_path = Path(out_path)
-    calibration.rewind()
-    with tempfile.TemporaryDirectory(prefix="deploylab-int8-") as tmpdir:
-        pre = Path(tmpdir) / "preprocessed.onnx"
-        quant_pre_process(str(fp32_path), str(pre))
-        with atomic_path(out_path) as tmp:
-            quantize_static(
-                str(pre), str(tmp), calibration,
-                quant_format=QuantFormat.QDQ if cfg.format == "qdq" else QuantFormat.QOperator,
-                per_channel=cfg.per_channel, reduce_range=cfg.effective_reduce_range(),
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-            )
-    if calibration.batches_read == 0:
-        raise ExportError("quantize_static read no calibration batch; the INT8 ranges would be meaningless")
-    return out_path
-
-
-# --------------------------------------------------------------------------------------------
-# 5. Model cards
+# 3. Model cards
 # --------------------------------------------------------------------------------------------
 
 PREPROCESSING = {
@@ -541,11 +352,9 @@ def write_card(
 
     Inputs, outputs and opset are read from the file itself, never typed by hand.
     """
-    from .models import library_versions
-
     path = Path(onnx_path)
     info = describe(path)
-    card = {
+    card = artefacts.describe(path, {
         "name": path.stem,
         "file": path.name,
         "format": "onnx",
@@ -563,13 +372,8 @@ def write_card(
         "parity": parity.to_dict() if parity is not None else None,
         "source_checkpoint": source,
         "profile": profile.name,
-        "data_sha256": data.DATA_SHA256,
-        "versions": library_versions(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
-        "size_bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
-    }
+    })
     atomic_write_json(card_path(path), card)
     return card
 
@@ -602,24 +406,17 @@ def load_exported(
     if not path.is_file():
         raise ExportError(f"no exported model at {path}: run notebooks/04_onnx_export.ipynb first")
     card = read_card(path)
-    problems = []
-    actual = sha256_file(path)
-    if card.get("sha256") != actual:
-        problems.append(f"its sha256 is {actual[:12]}..., the card says {str(card.get('sha256'))[:12]}... (corrupt or replaced)")
-    if profile is not None:
-        p = profile if isinstance(profile, Profile) else config.get_profile(profile)
-        if card.get("profile") != p.name:
-            problems.append(f"it was exported for profile {card.get('profile')!r}, not {p.name!r}")
+    p = None if profile is None else config.get_profile(profile)
+    problems = artefacts.problems(path, card, profile=None if p is None else p.name, kind="onnx")
+    if p is not None:
         src = card.get("source_checkpoint") or {}
         if src.get("file") and src.get("sha256"):
-            from .models import ROLES, read_metadata
-
             stem = Path(src["file"]).stem  # the teacher and student live with the profile's models, lesson ones with its artefacts
+            from .models import ROLES, read_metadata  # lazy: the serving image has no torchvision
+
             current = read_metadata(config.models_dir(p) if stem in ROLES else config.artefacts_dir(p), stem)
             if current is not None and current.get("sha256") != src["sha256"]:
                 problems.append(f"the checkpoint it was exported from, {src['file']}, has been replaced since (retrained?)")
-    if card.get("data_sha256") != data.DATA_SHA256:
-        problems.append("its model was trained on different data (data hash differs)")
     if problems:
         raise ExportError(f"refusing {path}: " + "; ".join(problems) + ". Re-export it (notebooks/04_onnx_export.ipynb).")
     sess = session(path, threads=threads, optimization=optimization)
@@ -641,19 +438,3 @@ def install(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
     return dst
-
-
-def markdown_table(rows: list[dict[str, Any]], index: str | None = None) -> str:
-    """A Markdown table of ``rows`` (dicts with the same keys); floats get 4 significant digits."""
-    if not rows:
-        raise ValueError("no rows for the table")
-    keys = list(rows[0])
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v).replace("|", "/")
-
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)

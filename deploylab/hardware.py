@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -40,10 +41,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a result depends on (missing ones are left out): part of every
+    hardware report and of every artefact's metadata."""
+    out = {}
+    for name in ("deploylab", "torch", "torchvision", "numpy", "onnx", "onnxruntime", "torchao", "torch-pruning"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def hardware_report() -> dict:
     """A JSON-ready description of this machine and the thread count PyTorch uses now."""
-    from .models import library_versions
-
     flags = cpu_flags()
     gpu = None
     if torch.cuda.is_available():

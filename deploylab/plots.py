@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .data import CLASS_NAMES
+from .decision import pareto_front, pareto_rows
 
 
 def image_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 8) -> Figure:
@@ -58,8 +59,6 @@ def accuracy_vs_latency(records: list[dict[str, Any]], batch_size: int = 1, titl
 
 def _mark_front(ax: Any, points: list[tuple[float, float]]) -> None:
     """Ring the Pareto-optimal (latency, accuracy) points and join them with a step line."""
-    from .decision import pareto_front
-
     front = sorted(p for p, on in zip(points, pareto_front(points)) if on)
     ax.scatter([p[0] for p in front], [p[1] for p in front], s=160, facecolors="none", edgecolors="black",
                linewidths=1.2, label="Pareto front", zorder=3)
@@ -70,8 +69,6 @@ def _mark_front(ax: Any, points: list[tuple[float, float]]) -> None:
 def pareto(rows: list[Any], batch_size: int = 1, title: str | None = None) -> Figure:
     """Accuracy (%) against p50 latency at ``batch_size`` for decision rows (:mod:`deploylab.decision`),
     coloured by kind, the Pareto front ringed and joined."""
-    from .decision import pareto_rows
-
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     colours = {"pytorch": "tab:blue", "onnxruntime": "tab:green", "served": "tab:red"}
     pairs = pareto_rows(rows, batch_size)

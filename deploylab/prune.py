@@ -17,7 +17,6 @@ notebook shows the library calls themselves.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import gzip
 import io
 import math
@@ -31,8 +30,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import data, models
-from .files import atomic_path, atomic_write_json, sha256_file
+from . import artefacts, bench, models
+from .config import Profile
+from .train import Recipe, fit
 
 LESSON = "pruning"
 PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -85,11 +85,9 @@ SIZES: dict[str, PruneSizes] = {
 }
 
 
-def sizes_for(profile_name: str) -> PruneSizes:
-    """The :class:`PruneSizes` of a profile (``smoke``, ``workshop`` or ``full``)."""
-    if profile_name not in SIZES:
-        raise ValueError(f"no pruning sizes for profile {profile_name!r}: choose one of {', '.join(SIZES)}")
-    return SIZES[profile_name]
+def sizes(profile: Profile) -> PruneSizes:
+    """The lesson's sizes for ``profile``."""
+    return SIZES[profile.name]
 
 
 # --------------------------------------------------------------------------- validation
@@ -212,11 +210,8 @@ def classifier(model: nn.Module) -> nn.Linear:
 
 
 def macs_and_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    """Multiply-accumulates for one forward pass of ``example`` and the parameter count (torch-pruning's counter)."""
-    import torch_pruning as tp
-
-    macs, params = tp.utils.count_ops_and_params(model, example)
-    return int(macs), int(params)
+    """Multiply-accumulates for one forward pass of ``example`` (:func:`bench.count_macs`) and the parameter count."""
+    return bench.count_macs(model, example), models.count_parameters(model)
 
 
 def scan_layers(model: nn.Module, n: int) -> list[str]:
@@ -338,6 +333,9 @@ def apply_channel_config(model: nn.Module, cfg: Mapping[str, Mapping[str, int]])
     return model
 
 
+PRUNED_FORMAT = "state_dict + channel_config"
+
+
 def save_pruned(model: nn.Module, folder: Path, name: str, meta: dict[str, Any]) -> dict[str, Any]:
     """Save a channel-pruned model as a plain ``state_dict`` plus a JSON file with its channel configuration.
 
@@ -351,17 +349,8 @@ def save_pruned(model: nn.Module, folder: Path, name: str, meta: dict[str, Any])
         raise ValueError(f"refusing to overwrite the course checkpoint {name!r}: pick a lesson-specific name")
     pt, js = models.checkpoint_paths(folder, name)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(pt) as tmp:
-        torch.save(state, tmp)
-        digest = sha256_file(tmp)
-    full = {
-        "name": name, **meta, "format": "state_dict + channel_config", "channel_config": channel_config(model),
-        "data_sha256": data.DATA_SHA256, "versions": models.library_versions(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "file": pt.name, "size_bytes": pt.stat().st_size, "sha256": digest,
-    }
-    atomic_write_json(js, full)
-    return full
+    return artefacts.save(pt, lambda tmp: torch.save(state, tmp),
+                          {"name": name, **meta, "format": PRUNED_FORMAT, "channel_config": channel_config(model)}, js)
 
 
 def load_pruned(folder: Path, name: str, *, profile: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -371,7 +360,7 @@ def load_pruned(folder: Path, name: str, *, profile: str) -> tuple[nn.Module, di
     fix = "rerun notebooks/02_pruning.ipynb to rebuild it"
     if meta is None or not pt.is_file():
         raise models.CheckpointError(f"no complete pruned model {name!r} in {folder} (need {pt.name} and {js.name}); {fix}")
-    problems = models.artefact_problems(pt, meta, profile=profile)
+    problems = artefacts.problems(pt, meta, profile=profile, kind=PRUNED_FORMAT)
     if "channel_config" not in meta:
         problems.append("its metadata has no channel_config")
     if problems:
@@ -410,8 +399,6 @@ def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
     ``train.fit`` trains in channels-last memory format; the model comes back in the default
     (contiguous) format so that every variant is benchmarked alike.
     """
-    from .train import Recipe, fit
-
     batch_size = finetune_batch_size(len(x), epochs)
     fit(model, x, y, Recipe(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment), desc=desc)
     return model.to(memory_format=torch.contiguous_format).eval()

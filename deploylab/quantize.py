@@ -1,6 +1,6 @@
 """INT8 quantization on the CPU: the plumbing behind lesson 01 (the techniques are shown in the notebook).
 
-Current paths (DESIGN.md, "Current library facts"):
+Current paths (docs/ARCHITECTURE.md, "Current library paths"):
 
 - dynamic quantization of ``Linear`` layers: torchao's ``quantize_(model, Int8DynamicActivationInt8WeightConfig())``
   (the old ``torch.ao.quantization.quantize_dynamic`` still runs but is deprecated);
@@ -17,7 +17,6 @@ per-layer sensitivity, and saving/loading the quantized program with a verified 
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import io
 import json
 import types
@@ -30,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import config, data
+from . import artefacts
 from .config import Profile
-from .files import atomic_path, atomic_write_json, sha256_file
-from .models import artefact_problems, library_versions
+from .train import accuracy, predict
 
 LESSON = "quantization"
 
@@ -77,10 +75,9 @@ SIZES: dict[str, QuantSizes] = {
 }
 
 
-def sizes_for(profile: Profile | str | None = None) -> QuantSizes:
-    """The lesson's sizes for ``profile`` (the active one by default)."""
-    p = profile if isinstance(profile, Profile) else config.get_profile(profile)
-    return SIZES[p.name]
+def sizes(profile: Profile) -> QuantSizes:
+    """The lesson's sizes for ``profile``."""
+    return SIZES[profile.name]
 
 
 # Leaf layers the PT2E + X86InductorQuantizer path of this lesson handles (quantized or passed through).
@@ -302,8 +299,6 @@ def layer_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, calibr
     x86 quantizer -- while everything else stays fp32. Cheap (fp32 eager inference), and it ranks which
     layers lose the most when quantized.
     """
-    from .train import accuracy, predict
-
     layers = layers or quantizable_layers(model)
     if len(calibration) == 0:
         raise ValueError("layer_sensitivity needs calibration images to find activation ranges")
@@ -328,7 +323,8 @@ def layer_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, calibr
         zp = int(round(-lo / scale))
         original = m.weight.data.clone()
         m.weight.data = _fake_quant_weight(original)
-        h = m.register_forward_pre_hook(lambda mod, args: (torch.fake_quantize_per_tensor_affine(args[0], scale, zp, 0, 255),))
+        h = m.register_forward_pre_hook(
+            lambda mod, args, scale=scale, zp=zp: (torch.fake_quantize_per_tensor_affine(args[0], scale, zp, 0, 255),))
         out[n] = accuracy(predict(model, x), y)
         h.remove()
         m.weight.data = original
@@ -391,14 +387,7 @@ def save_program(model: nn.Module, example: torch.Tensor, folder: Path, name: st
     folder = Path(folder)
     pt2, js = folder / f"{name}.pt2", folder / f"{name}.json"
     blob = program_bytes(model, example)
-    with atomic_path(pt2) as tmp:
-        tmp.write_bytes(blob)
-        digest = sha256_file(tmp)
-    full = {"name": name, **meta, "data_sha256": data.DATA_SHA256, "versions": library_versions(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "file": pt2.name, "size_bytes": len(blob), "sha256": digest}
-    atomic_write_json(js, full)
-    return full
+    return artefacts.save(pt2, lambda tmp: tmp.write_bytes(blob), {"name": name, **meta}, js)
 
 
 def load_program(folder: Path, name: str, *, profile: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -409,39 +398,7 @@ def load_program(folder: Path, name: str, *, profile: str) -> tuple[nn.Module, d
     if not js.is_file() or not pt2.is_file():
         raise QuantizationError(f"no complete quantized program {pt2} + {js}; {fix}")
     meta = json.loads(js.read_text())
-    problems = artefact_problems(pt2, meta, profile=profile)
+    problems = artefacts.problems(pt2, meta, profile=profile)
     if problems:
         raise QuantizationError(f"refusing {pt2}: " + "; ".join(problems) + f". To fix: {fix}")
     return torch.export.load(pt2).module(), meta
-
-
-def target_line(name: str, target: str, measured: str, met: bool, reason: str = "") -> str:
-    """One line "target / measured / met" of the issue's targets, with the reason when missed."""
-    return f"{name}: target {target} | measured {measured} | {'met' if met else 'MISSED'}" + ("" if met or not reason else f" -- {reason}")
-
-
-@torch.inference_mode()
-def macs_by_layer_type(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates of one forward pass on ``example``, summed per layer type (Conv2d, Linear).
-
-    Shows where a model's work is: dynamic quantization of ``Linear`` layers can only speed up the
-    ``Linear`` share.
-    """
-    totals: dict[str, int] = {"Conv2d": 0, "Linear": 0}
-
-    def hook(m, args, out):
-        if isinstance(m, nn.Conv2d):
-            k = m.weight[0].numel()  # in_channels/groups * kh * kw
-            totals["Conv2d"] += out.numel() * k
-        else:
-            totals["Linear"] += out.numel() * m.in_features
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        was = model.training
-        model.eval()(example)
-        model.train(was)
-    finally:
-        for h in hs:
-            h.remove()
-    return totals

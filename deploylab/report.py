@@ -8,6 +8,7 @@ from pathlib import Path
 from . import config
 from .config import Profile
 from .files import atomic_path, atomic_write_bytes
+from .plots import accuracy_vs_latency
 from .results import read_results, records_table
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -19,8 +20,6 @@ def render(profile: Profile) -> str:
     if not records:
         return (f"No `{profile.name}` results yet: run `make course PROFILE={profile.name}` "
                 f"(training wants a GPU for `full`), then `deploylab report --profile {profile.name}`.")
-    from .plots import accuracy_vs_latency
-
     plot = config.results_dir(profile) / "accuracy_vs_latency.png"
     fig = accuracy_vs_latency(records, batch_size=1, mark_pareto=True)
     with atomic_path(plot) as tmp:

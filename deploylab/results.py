@@ -1,6 +1,6 @@
 """Result records: one JSON file per lesson and profile under ``results/<profile>/``.
 
-A record describes one variant measured in one lesson (DESIGN.md): lesson, variant, model,
+A record describes one variant measured in one lesson: lesson, variant, model,
 runtime, precision, accuracy, latency (per batch size), throughput, size, profile, hardware,
 versions, date. Reports and the README's headline table are generated from these files only.
 """
@@ -18,6 +18,7 @@ from .bench import LatencyStats
 from .config import Profile
 from .files import atomic_write_json
 from .hardware import hardware_report
+from .tables import markdown_table
 
 
 def make_record(
@@ -80,21 +81,19 @@ def read_results(profile: Profile | str | None = None) -> list[dict[str, Any]]:
 
 def records_table(records: list[dict[str, Any]]) -> str:
     """Markdown table: accuracy, latency p50/p99 at batch 1 and 32, throughput at 32, size."""
-    head = ("| lesson | variant | runtime | precision | accuracy | p50 ms (b1) | p99 ms (b1) | p50 ms (b32) | "
-            "p99 ms (b32) | images/s (b32) | size MB |")
-    rows = [head, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-
     def lat(r: dict, b: str, k: str) -> str:
         v = r["latency_ms"].get(b, {}).get(k)
         return f"{v:.2f}" if v is not None else "-"
 
+    rows = []
     for r in records:
-        acc = f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-"
         thr = r["throughput"].get("32")
-        size = f"{r['size_bytes'] / 1e6:.1f}" if r.get("size_bytes") else "-"
-        rows.append(
-            f"| {r['lesson']} | {r['variant']} | {r['runtime']} | {r['precision']} | {acc} | {lat(r, '1', 'p50_ms')} | "
-            f"{lat(r, '1', 'p99_ms')} | {lat(r, '32', 'p50_ms')} | {lat(r, '32', 'p99_ms')} | "
-            f"{f'{thr:.0f}' if thr else '-'} | {size} |"
-        )
-    return "\n".join(rows)
+        rows.append({
+            "lesson": r["lesson"], "variant": r["variant"], "runtime": r["runtime"], "precision": r["precision"],
+            "accuracy": f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-",
+            "p50 ms (b1)": lat(r, "1", "p50_ms"), "p99 ms (b1)": lat(r, "1", "p99_ms"),
+            "p50 ms (b32)": lat(r, "32", "p50_ms"), "p99 ms (b32)": lat(r, "32", "p99_ms"),
+            "images/s (b32)": f"{thr:.0f}" if thr else "-",
+            "size MB": f"{r['size_bytes'] / 1e6:.1f}" if r.get("size_bytes") else "-",
+        })
+    return markdown_table(rows)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the serving image, run it, check it against in-process ONNX Runtime, remove it.
-# A thin wrapper around `python -m deploylab.container` (the notebook and the tests call the same code).
+# A thin wrapper around `python -m deploylab.serving.container` (the notebook and the tests call the same code).
 #
 #   docker/build_and_test.sh [--profile smoke|workshop|full] [--wheels DIR] [--certs FILE|DIR] [--build-arg K=V] [--keep]
 #   docker/build_and_test.sh engine       # check (as root: start) the Docker engine
@@ -11,4 +11,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-exec "$PYTHON" -m deploylab.container "$@"
+exec "$PYTHON" -m deploylab.serving.container "$@"

@@ -8,12 +8,13 @@ model-config.yaml. One request carries one image, either
 - a JSON array of pixels: ``[[0, 12, ...], ...]`` (H x H integers in 0..255) or
   ``{"pixels": [[...], ...]}``.
 
-Preprocessing is ``deploylab.data.preprocess``, imported -- the same code that made the training
+Decoding and validation are ``deploylab.serving.protocol`` (the same code as every other server of
+the course); preprocessing is ``deploylab.data.preprocess``, imported -- the same code that made the training
 inputs -- so served and in-process predictions agree. Responses are JSON:
 ``{"predictions": [{"label": "Trouser", "index": 1, "probability": 0.97}, ...]}`` (top-k).
 
 Bad input never becomes a 500 and never kills the worker: every request of a batch is decoded on
-its own; a request that fails gets its own 4xx status (``context.set_response_status``) and a JSON
+its own, and whatever its decoding raised, a request that fails gets its own 4xx status (``context.set_response_status``) and a JSON
 body ``{"code": 400, "type": "BadRequest", "message": "..."}``, while the other requests of the same
 batch are answered normally. (Raising ``ts.utils.util.PredictionException(message, 400)`` would
 also give a 4xx, but for the *whole* batch: one bad request would fail its neighbours.)
@@ -32,17 +33,16 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from deploylab import data as dl_data
-from deploylab import inputs as dl_inputs
-from deploylab.serve import BadRequest  # imported, not defined here: TorchServe wants one class per handler file
+from deploylab import export
+from deploylab.serving import protocol
+from deploylab.serving.protocol import BadRequest  # imported, not defined here: TorchServe wants one class per handler file
 
 log = logging.getLogger(__name__)
 
 DEFAULTS = {
     "backend": "onnx",  # or "pytorch"
     "top_k": 3,
-    "max_bytes": 256 * 1024,  # larger bodies get 413 (the frontend's max_request_size is a second, outer limit)
-    "max_side": 512,  # larger images get 413; they are resized to 32x32 anyway
-    "min_side": 8,  # smaller images cannot carry a Fashion-MNIST item
+    **protocol.LIMITS,  # the input limits of every server (the frontend's max_request_size is a second, outer one)
     "intra_op_threads": 1,  # per worker: workers x threads should not exceed the cores
 }
 
@@ -58,8 +58,8 @@ def _payload(request: dict[str, Any]) -> Any:
 
 def decode(request: dict[str, Any], limits: dict[str, Any]) -> np.ndarray:
     """One request -> uint8 (H, H) pixels, or :class:`BadRequest` saying what to send instead
-    (``deploylab.inputs.decode_value``: the same validation as the serverless function and the custom server)."""
-    return dl_inputs.decode_value(_payload(request), limits)
+    (``protocol.decode_value``: the same validation as the serverless function and the custom server)."""
+    return protocol.decode_value(_payload(request), limits)
 
 
 class DeploylabHandler(BaseHandler):
@@ -74,14 +74,12 @@ class DeploylabHandler(BaseHandler):
         serialized = model_dir / self.manifest["model"]["serializedFile"]
         threads = int(self.cfg["intra_op_threads"])
         if self.cfg["backend"] == "onnx":
-            from deploylab import export
-
             # checks the file's sha256 against its model card (shipped in the archive) before serving
             self.session, self.card = export.load_exported(serialized, threads=threads)
             self.input_name = self.session.get_inputs()[0].name
             self.model = None
         elif self.cfg["backend"] == "pytorch":
-            from deploylab import models
+            from deploylab import models  # lazy: only this backend needs torchvision, the serving image has none
 
             meta = json.loads(serialized.with_suffix(".json").read_text())
             torch.set_num_threads(threads)
@@ -95,14 +93,18 @@ class DeploylabHandler(BaseHandler):
         log.info("deploylab handler ready: backend=%s, threads=%d, pid=%d", self.cfg["backend"], threads, os.getpid())
 
     def preprocess(self, data: list[dict[str, Any]]) -> tuple[torch.Tensor | None, list[BadRequest | None]]:
-        """Decode every request on its own; stack the good ones through ``data.preprocess``."""
+        """Decode every request on its own; stack the good ones through ``data.preprocess``.
+
+        Whatever one request raises fails that request only (``protocol.refusal``: a 4xx, and an
+        unforeseen error logged), never the batch it shares with others.
+        """
         images, errors = [], []
         for request in data:
             try:
                 images.append(dl_data.preprocess(decode(request, self.cfg)))
                 errors.append(None)
-            except BadRequest as e:
-                errors.append(e)
+            except Exception as e:
+                errors.append(protocol.refusal(e))
         return (torch.cat(images) if images else None), errors
 
     def inference(self, x: torch.Tensor) -> np.ndarray:
@@ -115,7 +117,7 @@ class DeploylabHandler(BaseHandler):
     def postprocess(self, logits: np.ndarray) -> list[dict[str, Any]]:
         """Top-k labels (from the archive's index_to_name.json) and softmax probabilities per image."""
         names = [self.labels[str(i)] for i in range(len(self.labels))]
-        return dl_inputs.top_k(logits, self.cfg["top_k"], names)
+        return protocol.top_k(logits, self.cfg["top_k"], names)
 
     def handle(self, data: list[dict[str, Any]], context) -> list[Any]:
         """One answer per request: predictions for good ones, a JSON 4xx for bad ones."""

@@ -31,6 +31,6 @@ def profile():
 @pytest.fixture(scope="session")
 def onnx_path(profile):
     """The profile's exported student (built on first use): what every serving test serves."""
-    from deploylab import serve
+    from deploylab import deployable
 
-    return serve.student_onnx(profile)
+    return deployable.student_onnx(profile)

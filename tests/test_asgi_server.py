@@ -4,6 +4,7 @@ bad-input corpus, bearer tokens, micro-batching under load, the function mode, a
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 
@@ -11,12 +12,13 @@ import httpx
 import numpy as np
 import pytest
 
-from deploylab import asgi_server, data, export, serve
+from deploylab import data, export, onnxrt
+from deploylab.serving import asgi, corpus, load, protocol
 
 
 @pytest.fixture(scope="module")
 def server(onnx_path):
-    s = asgi_server.AsgiServer(onnx_path, mode="batch", max_batch=8, max_wait_ms=5)
+    s = asgi.AsgiServer(onnx_path, mode="batch", max_batch=8, max_wait_ms=5, body_timeout_s=2.0)
     s.start()
     procs = s.processes()
     yield s
@@ -28,8 +30,8 @@ def server(onnx_path):
 def test_key_file_is_private_and_tokens_are_required(server):
     mode = stat.S_IMODE(os.stat(server.key_file).st_mode)
     assert mode == 0o600, oct(mode)
-    images, _ = serve.test_images(1)
-    png = serve.png_bytes(images[0])
+    images, _ = data.raw_split("test", 1)
+    png = protocol.png_bytes(images[0])
     url = f"{server.url}/predictions/student"
     assert httpx.post(url, content=png, trust_env=False).status_code == 401
     assert httpx.post(url, content=png, headers={"Authorization": "Bearer guess"}, trust_env=False).status_code == 401
@@ -45,15 +47,33 @@ def test_binds_loopback_only(server):
     conns = [c for p in server.processes() for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
     assert conns and all(c.laddr.ip in ("127.0.0.1", "::1") for c in conns)
     with pytest.raises(SystemExit, match="loopback"):
-        asgi_server.main(["--model", "x.onnx", "--port", "1", "--key-file", "k", "--host", "0.0.0.0"])
+        asgi.main(["--model", "x.onnx", "--port", "1", "--key-file", "k", "--host", "0.0.0.0"])
+
+
+def test_key_file_of_a_stopped_server_is_replaced_and_of_a_running_one_refused(tmp_path):
+    """A restart with the same --key-file works after a crash (the old file names a pid that is gone);
+    a second server on a key file in use is refused instead of taking it over."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "key_file.json"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    path.write_text(json.dumps({"inference": {"key": "old"}, "pid": int(gone.stdout)}))
+    key = asgi.write_key_file(path)
+    assert json.loads(path.read_text()) == {"inference": {"key": key}, "pid": os.getpid()} and key != "old"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.write_text(json.dumps({"inference": {"key": "theirs"}, "pid": os.getppid()}))  # a process that runs
+    with pytest.raises(SystemExit, match="belongs to a running server"):
+        asgi.write_key_file(path)
+    assert json.loads(path.read_text())["inference"]["key"] == "theirs"
 
 
 def test_parity_with_in_process_onnxruntime(server, onnx_path):
-    images, labels = serve.test_images(64)
+    images, labels = data.raw_split("test", 64)
     sess, _ = export.load_exported(onnx_path, threads=1)
-    reference = export.run(sess, data.preprocess(images)).argmax(1)
+    reference = onnxrt.run(sess, data.preprocess(images)).argmax(1)
     with server.client() as c:
-        par = serve.served_parity(c, "student", images, reference, concurrency=8, progress=False)
+        par = load.served_parity(c, "student", images, reference, concurrency=8, progress=False)
         pix = c.predict("student", {"pixels": images[0].astype(int).tolist()})
     assert par["statuses"] == {200: 64} and par["agreement"] == 1.0
     assert pix.status_code == 200 and pix.json()["predictions"][0]["index"] == int(reference[0])
@@ -61,21 +81,21 @@ def test_parity_with_in_process_onnxruntime(server, onnx_path):
 
 def test_bad_inputs_are_4xx_json_and_server_survives(server):
     with server.client() as c:
-        rows = serve.run_bad_inputs(c, "student", serve.bad_inputs())
+        rows = corpus.run_bad_inputs(c, "student", corpus.bad_inputs())
         bad = [r for r in rows if not (r["ok"] and r["json"])]
         assert not bad, bad
-        images, _ = serve.test_images(1)
-        assert c.predict("student", serve.png_bytes(images[0]), "image/png").status_code == 200
-    too_big = httpx.post(f"{server.url}/predictions/student", content=b"A" * (asgi_server.MAX_REQUEST_BYTES + 1),
+        images, _ = data.raw_split("test", 1)
+        assert c.predict("student", protocol.png_bytes(images[0]), "image/png").status_code == 200
+    too_big = httpx.post(f"{server.url}/predictions/student", content=b"A" * (asgi.MAX_REQUEST_BYTES + 1),
                          headers={"Authorization": f"Bearer {server.key()}"}, trust_env=False)
     assert too_big.status_code == 413
 
 
 def test_micro_batching_under_load(server):
-    images, _ = serve.test_images(32)
-    bodies = [serve.png_bytes(im) for im in images]
+    images, _ = data.raw_split("test", 32)
+    bodies = [protocol.png_bytes(im) for im in images]
     with server.client() as c:
-        r = serve.load_run(c, "student", bodies, concurrency=16, requests=128, max_seconds=30, progress=False)
+        r = load.load_run(c, "student", bodies, concurrency=16, requests=128, max_seconds=30, progress=False)
     assert r.ok == 128 and r.errors_5xx == 0
     sizes = {int(k): v for k, v in server.stats()["batch_sizes"].items()}
     assert max(sizes) > 1 and max(sizes) <= 8, sizes  # batches formed, never above max_batch
@@ -89,7 +109,7 @@ def test_micro_batcher_runs_one_call_per_batch():
         return x.reshape(len(x), -1)[:, :2] * 2
 
     async def go():
-        b = asgi_server.MicroBatcher(run, max_batch=4, max_wait_ms=50)
+        b = asgi.MicroBatcher(run, max_batch=4, max_wait_ms=50)
         b.arriving = 1  # others are on the way: the batcher waits for them
         b.start()
         xs = [np.full((1, 3), i, dtype=np.float32) for i in range(10)]
@@ -103,15 +123,59 @@ def test_micro_batcher_runs_one_call_per_batch():
 
 
 def test_function_mode_serves_the_serverless_handler(onnx_path):
-    images, _ = serve.test_images(8)
+    images, _ = data.raw_split("test", 8)
     sess, _ = export.load_exported(onnx_path, threads=1)
-    reference = export.run(sess, data.preprocess(images)).argmax(1)
-    with asgi_server.AsgiServer(onnx_path, mode="function") as s:
+    reference = onnxrt.run(sess, data.preprocess(images)).argmax(1)
+    with asgi.AsgiServer(onnx_path, mode="function") as s:
         procs = s.processes()
         with s.client() as c:
-            par = serve.served_parity(c, "student", images, reference, concurrency=4, progress=False)
-            rows = serve.run_bad_inputs(c, "student", serve.bad_inputs())
+            par = load.served_parity(c, "student", images, reference, concurrency=4, progress=False)
+            rows = corpus.run_bad_inputs(c, "student", corpus.bad_inputs())
         assert httpx.get(f"{s.url}/ping", trust_env=False).status_code == 401
     assert par["agreement"] == 1.0
     assert all(r["ok"] and r["json"] for r in rows), [r for r in rows if not r["ok"]]
     assert not [p.pid for p in procs if p.is_running() and p.status() != "zombie"]
+
+
+def test_a_full_queue_is_shed_with_503_and_retry_after():
+    """Load shedding on purpose: past max_queue waiting inputs, submit refuses at once (the app answers 503)."""
+    async def scenario():
+        release = asyncio.Event()
+
+        def slow(x):
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result()  # the model is busy until released
+            return np.zeros((len(x), 10), dtype=np.float32)
+
+        loop = asyncio.get_running_loop()
+        b = asgi.MicroBatcher(slow, max_batch=1, max_wait_ms=0, max_queue=2)
+        b.start()
+        x = np.zeros((1, 1, 32, 32), dtype=np.float32)
+        first = asyncio.create_task(b.submit(x))  # taken by the model, which blocks
+        await asyncio.sleep(0.05)
+        queued = [asyncio.create_task(b.submit(x)) for _ in range(2)]  # fill the queue
+        await asyncio.sleep(0.05)
+        with pytest.raises(asgi.Overloaded, match="limit is 2"):
+            await b.submit(x)
+        release.set()
+        done = await asyncio.gather(first, *queued)
+        await b.stop()
+        return done
+
+    assert [d.shape for d in asyncio.run(scenario())] == [(1, 10)] * 3
+
+
+def test_a_body_shorter_than_its_content_length_gets_408_within_the_timeout(server):
+    """A client that announces 1,000 bytes and sends 10 is answered 408, not left holding the connection."""
+    import socket
+    import time
+
+    key = server.key()
+    head = (f"POST /predictions/student HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        t0 = time.monotonic()
+        sock.sendall(head + b"x" * 10)
+        answer = sock.recv(4096).decode(errors="replace")
+        waited = time.monotonic() - t0
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+    assert 1.5 < waited < 10, f"answered after {waited:.1f} s; the server's body timeout is 2 s"

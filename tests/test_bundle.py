@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from deploylab import bundle, cli, config, data, models
+from deploylab import artefacts, bundle, cli, config, data
 from deploylab.files import sha256_file
 
 SUBSET = "tqdm==4.70.1\nhttpx==0.28.1\nPyYAML==6.0.4\n"
@@ -108,7 +108,7 @@ def test_install_script_installs_offline_and_deploylab_data_verifies(built, tmp_
     assert "Fashion-MNIST verified" in verified.stdout and str(target / "data" / "fashion-mnist") in verified.stdout
     placed = target / "data" / "artefacts" / "smoke"
     assert sha256_file(placed / "student.pt") == json.loads((placed / "student.json").read_text())["sha256"]
-    assert not models.artefact_problems(placed / "student.pt", json.loads((placed / "student.json").read_text()), profile="smoke")
+    assert not artefacts.problems(placed / "student.pt", json.loads((placed / "student.json").read_text()), profile="smoke")
 
 
 @pytest.fixture

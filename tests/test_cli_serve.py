@@ -23,9 +23,10 @@ import httpx
 import psutil
 import pytest
 
-from deploylab import config, data, serve
+from deploylab import config, data
+from deploylab.serving import protocol, torchserve
 
-JAVA = serve.java_problem()
+JAVA = torchserve.java_problem()
 pytestmark = pytest.mark.skipif(JAVA is not None, reason=f"TorchServe cannot run here: {JAVA}")
 
 
@@ -111,12 +112,12 @@ def test_cli_serve_predicts_with_the_printed_token_and_stops_on_ctrl_c(cli_serve
     # one real test image, sent as the curl command would send it
     ds = data.load_fashion_mnist()
     image = ds.test_images[0]
-    r = httpx.post(url, content=serve.png_bytes(image), headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"},
+    r = httpx.post(url, content=protocol.png_bytes(image), headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"},
                    timeout=60)
     assert r.status_code == 200, r.text
     top = r.json()["predictions"]
     assert top[0]["label"] == data.CLASS_NAMES[top[0]["index"]] and 0.0 <= top[0]["probability"] <= 1.0
-    assert httpx.post(url, content=serve.png_bytes(image), timeout=60).status_code in (400, 401, 403), "no token must be refused"
+    assert httpx.post(url, content=protocol.png_bytes(image), timeout=60).status_code in (400, 401, 403), "no token must be refused"
 
     # the printed token renewal (the inference key expires after 60 minutes): a new key, the old one refused
     renew = shlex.split(_wait_for(lines, r"^\s+curl .*/token\?type=inference.*", proc, 10).group(0))
@@ -124,8 +125,8 @@ def test_cli_serve_predicts_with_the_printed_token_and_stops_on_ctrl_c(cli_serve
     assert r.status_code == 200, r.text
     new_token = json.loads(key_file.read_text())["inference"]["key"]
     assert new_token != token
-    ok = httpx.post(url, content=serve.png_bytes(image), headers={"Authorization": f"Bearer {new_token}"}, timeout=60)
-    old = httpx.post(url, content=serve.png_bytes(image), headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    ok = httpx.post(url, content=protocol.png_bytes(image), headers={"Authorization": f"Bearer {new_token}"}, timeout=60)
+    old = httpx.post(url, content=protocol.png_bytes(image), headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert ok.status_code == 200 and old.status_code in (400, 401, 403), (ok.status_code, old.status_code)
     token = new_token
 
@@ -139,4 +140,4 @@ def test_cli_serve_predicts_with_the_printed_token_and_stops_on_ctrl_c(cli_serve
     assert not left, f"processes of `deploylab serve` survived Ctrl-C: {left}"
     assert not _torchserve_processes(workdir), "a TorchServe process of this server is still running"
     with pytest.raises(httpx.HTTPError):
-        httpx.post(url, content=serve.png_bytes(image), headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        httpx.post(url, content=protocol.png_bytes(image), headers={"Authorization": f"Bearer {token}"}, timeout=5)

@@ -35,3 +35,17 @@ def test_banner_is_the_first_line_notebooks_print():
 def test_set_threads_is_explicit():
     assert config.set_threads(1) == 1
     assert config.set_threads(2) == 2
+
+
+def test_every_lesson_module_sizes_every_profile_the_same_way():
+    """One way to size a lesson: ``SIZES[profile.name]`` behind ``sizes(profile)``, for every profile."""
+    import inspect
+
+    from deploylab import distill, export, prune, quantize
+    from deploylab.serving import asgi, container, torchserve
+
+    for module in (quantize, prune, distill, export, torchserve, container, asgi):
+        assert set(module.SIZES) == set(config.PROFILES), module.__name__
+        assert list(inspect.signature(module.sizes).parameters) == ["profile"], module.__name__
+        for profile in config.PROFILES.values():
+            assert module.sizes(profile) is module.SIZES[profile.name]

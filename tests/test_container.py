@@ -9,13 +9,14 @@ import re
 import pytest
 import yaml
 
-from deploylab import config, container, serve
+from deploylab import config
+from deploylab.serving import container, docker_build, engine, torchserve
 
 DOCKER = config.ROOT / "docker"
 
 
 def test_hadolint_reports_nothing_above_info():
-    findings = container.hadolint()
+    findings = docker_build.hadolint()
     serious = [f for f in findings if f["level"] not in ("info", "style")]
     assert not serious, f"hadolint: {serious}"
 
@@ -24,29 +25,29 @@ def test_hadolint_does_find_problems(tmp_path):
     """The lint check can fail: a Dockerfile with classic mistakes gets warnings."""
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM debian:latest\nRUN apt-get install python3\nADD . /app\nRUN cd /app && pip install .\n")
-    levels = {f["level"] for f in container.hadolint(bad)}
+    levels = {f["level"] for f in docker_build.hadolint(bad)}
     assert {"warning", "error"} & levels
 
 
 def test_parse_key_file():
     text = json.dumps({"management": {"key": "m1", "expiration time": "x"}, "inference": {"key": "i1"}, "API": {"key": "a"}})
     assert container.parse_key_file(text) == {"inference": "i1", "management": "m1"}
-    with pytest.raises(container.ContainerError, match="key file"):
+    with pytest.raises(engine.ContainerError, match="key file"):
         container.parse_key_file('{"inference": {}}')
-    with pytest.raises(container.ContainerError):
+    with pytest.raises(engine.ContainerError):
         container.parse_key_file("not json")
 
 
 def test_parse_port_takes_the_loopback_binding():
     assert container.parse_port("127.0.0.1:32769\n") == 32769
     assert container.parse_port("[::1]:40000\n127.0.0.1:40001\n") == 40001
-    with pytest.raises(container.ContainerError, match="127.0.0.1"):
+    with pytest.raises(engine.ContainerError, match="127.0.0.1"):
         container.parse_port("0.0.0.0:32769\n")  # published on every interface: refused
 
 
 def test_count_steps():
     log = "Step 1/3 : FROM x\n ---> abc\nStep 2/3 : RUN y\n ---> Using cache\nStep 3/3 : CMD z\n"
-    assert container.count_steps(log) == (3, 1)
+    assert docker_build.count_steps(log) == (3, 1)
 
 
 def test_run_args_are_secure_by_default():
@@ -67,16 +68,16 @@ def _properties(text: str) -> dict[str, str]:
 
 def test_container_config_keeps_lesson05_secure_defaults():
     inside = _properties((DOCKER / "config.properties").read_text())
-    lesson05 = _properties(serve.config_properties({k: 1 for k in ("inference", "management", "metrics", "grpc_inference",
+    lesson05 = _properties(torchserve.config_properties({k: 1 for k in ("inference", "management", "metrics", "grpc_inference",
                                                                      "grpc_management", "worker_base")}, config.ROOT))
     for key in ("disable_token_authorization", "enable_model_api", "max_request_size", "install_py_dep_per_model",
-                "enable_envvars_config", "metrics_mode"):
+                "enable_envvars_config", "metrics_mode", "job_queue_size"):
         assert inside[key] == lesson05[key], key
     assert inside["management_address"].startswith("http://127.0.0.1:")  # loopback inside the container
     assert inside["grpc_inference_address"] == inside["grpc_management_address"] == "127.0.0.1"
     ports = {int(inside[k].rsplit(":", 1)[1]) for k in ("inference_address", "metrics_address")}
     assert ports == {container.INFERENCE_PORT, container.METRICS_PORT}
-    assert inside["load_models"].startswith(f"{container.MODEL}=")
+    assert inside["load_models"].startswith(f"{docker_build.MODEL}=")
 
 
 def test_dockerfile_exposes_only_what_is_published_and_runs_as_non_root():
@@ -126,5 +127,3 @@ def test_sizes_and_targets():
     for name in config.PROFILES:
         s = container.sizes(config.get_profile(name))
         assert s.healthy_timeout_s > container.TARGETS.healthy_s
-    assert "met" in container.target_line("x", "1", "0", True)
-    assert container.target_line("x", "1", "2", False, "why").endswith("missed (why)")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deploylab import distill, models, train
+from deploylab import bench, distill, models, train
 from deploylab.config import PROFILES
 
 LN3 = math.log(3.0)
@@ -141,15 +141,15 @@ def test_label_subset_and_teacher_labels():
 
 def test_macs_of_known_layers_and_the_student():
     conv = torch.nn.Conv2d(2, 4, 3, padding=1, bias=False)  # 4 out x 8x8 positions x (2 x 3 x 3)
-    assert distill.count_macs(conv, torch.zeros(1, 2, 8, 8)) == 4 * 64 * 18
+    assert bench.count_macs(conv, torch.zeros(1, 2, 8, 8)) == 4 * 64 * 18
     dw = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)  # depthwise: 4 x 64 x 9
-    assert distill.count_macs(dw, torch.zeros(1, 4, 8, 8)) == 4 * 64 * 9
+    assert bench.count_macs(dw, torch.zeros(1, 4, 8, 8)) == 4 * 64 * 9
     x = torch.zeros(1, 1, 32, 32)
-    student, teacher = models.build("mobilenet_v2"), models.build("resnet50")
-    s, t = distill.count_macs(student, x), distill.count_macs(teacher, x)
-    # default stems at 32x32: MobileNetV2 ~6.0 M MACs, ResNet50 ~82 M (the small-image stems of an
-    # earlier recipe cost ~24 M and ~1.3 G)
-    assert 5.5e6 < s < 6.5e6 and 75e6 < t < 90e6
+    full, student, teacher = (models.build(a) for a in ("mobilenet_v2", models.ROLES["student"], "resnet50"))
+    f, s, t = bench.count_macs(full, x), bench.count_macs(student, x), bench.count_macs(teacher, x)
+    # default stems at 32x32: MobileNetV2 ~6.0 M MACs at width 1.0 and ~1.9 M at the student's 0.5,
+    # ResNet50 ~82 M (the small-image stems of an earlier recipe cost ~24 M and ~1.3 G)
+    assert 5.5e6 < f < 6.5e6 and 1.7e6 < s < 2.1e6 and 75e6 < t < 90e6
 
 
 def test_gain_summary():
@@ -161,11 +161,9 @@ def test_gain_summary():
 
 
 def test_sizes_exist_for_every_profile_and_have_two_seeds():
-    for name in PROFILES:
-        s = distill.sizes_for(name)
+    for profile in PROFILES.values():
+        s = distill.sizes(profile)
         assert len(set(s.seeds)) >= 2 and 0 < s.label_fraction < 1 and s.few_label_epochs >= 1
-    with pytest.raises(ValueError, match="smoke, workshop, full"):
-        distill.sizes_for("huge")
 
 
 def test_sweep_plot_has_one_line_per_alpha():
@@ -185,7 +183,8 @@ def test_matched_epochs_give_the_same_number_of_steps():
 @pytest.mark.parametrize("name", list(PROFILES))
 def test_every_run_of_the_lesson_has_enough_steps_for_one_cycle(name):
     """train.fit's OneCycleLR (pct_start 0.25) divides by zero below 5 optimiser steps."""
-    p, s = PROFILES[name], distill.sizes_for(name)
+    p = PROFILES[name]
+    s = distill.sizes(p)
     n_train = p.train_images or 55_000
     n_sweep = min(s.sweep_train_images or n_train, n_train)
     n_labeled = max(1, round(s.label_fraction * n_train))

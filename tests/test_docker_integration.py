@@ -17,9 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploylab import config, container, serve
+from deploylab import config, data
+from deploylab.serving import container, corpus, docker_build, engine, processes, protocol, torchserve
 
-ENGINE = container.ensure_engine()
+ENGINE = engine.ensure_engine()
 pytestmark = pytest.mark.skipif(ENGINE is not None, reason=f"no Docker engine can be started here: {ENGINE}")
 
 
@@ -40,9 +41,9 @@ def _certs() -> str | None:
 
 @pytest.fixture(scope="module")
 def image(profile, onnx_path):
-    container.ensure_base_image()
-    container.stage_context(onnx_path, wheels=_wheels(), certs=_certs())
-    built = container.build_image(f"{container.IMAGE}:{profile.name}", progress=False)
+    engine.ensure_base_image()
+    docker_build.stage_context(onnx_path, wheels=_wheels(), certs=_certs())
+    built = docker_build.build_image(f"{docker_build.IMAGE}:{profile.name}", progress=False)
     assert built.size_bytes > 100e6 and built.image_id
     print(f"image {built.tag}: {built.size_bytes / 1e9:.2f} GB, built in {built.seconds:.0f} s "
           f"({built.cached_steps}/{built.steps} steps cached)")
@@ -68,7 +69,7 @@ def client(running):
 
 
 def test_image_carries_no_training_stack(image):
-    v = container.image_versions(image.tag)
+    v = docker_build.image_versions(image.tag)
     assert v["torchvision"] == "absent"
     assert v["python"].startswith("3.11") and "17" in v["java"]
     assert "+cpu" in v["torch"] or v["torch"]  # a CPU build: the Dockerfile refuses a CUDA one
@@ -83,7 +84,7 @@ def test_container_is_healthy_read_only_and_not_root(running):
     assert set(published) == {f"{container.INFERENCE_PORT}/tcp", f"{container.METRICS_PORT}/tcp"}
     assert all(b["HostIp"] == "127.0.0.1" for bindings in published.values() for b in bindings)
     assert running.exec("id", "-u").strip() == str(container.USER_ID)
-    with pytest.raises(container.ContainerError):
+    with pytest.raises(engine.ContainerError):
         running.exec("touch", "/app/written")  # read-only root filesystem
 
 
@@ -96,19 +97,19 @@ def test_served_predictions_match_onnxruntime(client, onnx_path, profile):
 
 
 def test_requests_without_or_with_a_wrong_token_are_refused(running):
-    image = serve.png_bytes(serve.test_images(1)[0][0])
-    url = f"{running.url()}/predictions/{container.MODEL}"
+    image = protocol.png_bytes(data.raw_split("test", 1)[0][0])
+    url = f"{running.url()}/predictions/{docker_build.MODEL}"
     assert httpx.post(url, content=image, trust_env=False).status_code in (400, 401, 403)
     wrong = httpx.post(url, content=image, headers={"Authorization": "Bearer guess"}, trust_env=False)
     assert wrong.status_code in (400, 401, 403)
 
 
 def test_bad_inputs_get_4xx_and_the_container_stays_healthy(running, client):
-    rows = serve.run_bad_inputs(client, container.MODEL, serve.bad_inputs())
+    rows = corpus.run_bad_inputs(client, docker_build.MODEL, corpus.bad_inputs())
     wrong = [r for r in rows if not r["ok"]]
     assert not wrong, f"bad inputs without the expected 4xx: {wrong}"
     assert client.ping()["status"] == "Healthy"
-    assert client.top1(container.MODEL, serve.test_images(1)[0][0]) in range(10)
+    assert client.top1(docker_build.MODEL, data.raw_split("test", 1)[0][0]) in range(10)
     assert running.health() == "healthy"
 
 
@@ -117,7 +118,7 @@ def test_remove_leaves_no_container(image):
     cid = c.cid
     c.remove()
     assert cid not in " ".join(container.leftovers())
-    assert container.docker("ps", "-aq", "--no-trunc", "--filter", f"id={cid}").stdout.strip() == ""
+    assert engine.docker("ps", "-aq", "--no-trunc", "--filter", f"id={cid}").stdout.strip() == ""
 
 
 def test_compose_file_runs_the_image_with_its_limits(image, profile):
@@ -131,7 +132,7 @@ def test_compose_file_runs_the_image_with_its_limits(image, profile):
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.skip("docker-compose is not installed: apt-get install docker-compose (make setup does it as root)")
-    inference, metrics = serve.free_ports(2)
+    inference, metrics = processes.free_ports(2)
     env = {**os.environ, "DEPLOYLAB_PROFILE": profile.name,
            "DEPLOYLAB_INFERENCE_PORT": str(inference), "DEPLOYLAB_METRICS_PORT": str(metrics)}
     cmd = [compose, "-p", f"deploylab-test-{os.getpid()}", "-f", str(config.ROOT / "docker" / "compose.yaml")]
@@ -144,18 +145,18 @@ def test_compose_file_runs_the_image_with_its_limits(image, profile):
     try:
         cid = run("ps", "-q", "serve").strip()
         deadline = time.monotonic() + container.sizes(profile).healthy_timeout_s
-        while (state := json.loads(container.docker("inspect", cid).stdout)[0])["State"]["Health"]["Status"] != "healthy":
+        while (state := json.loads(engine.docker("inspect", cid).stdout)[0])["State"]["Health"]["Status"] != "healthy":
             assert time.monotonic() < deadline and state["State"]["Running"], f"not healthy: {state['State']}"
             time.sleep(1)
         host = state["HostConfig"]
         assert host["ReadonlyRootfs"] is True and host["Memory"] == 2 * 1024**3
         assert {b["HostIp"] for binds in host["PortBindings"].values() for b in binds} == {"127.0.0.1"}
         key = container.parse_key_file(run("exec", "-T", "serve", "cat", "/home/serve/run/key_file.json"))["inference"]
-        image_png = serve.png_bytes(serve.test_images(1)[0][0])
-        url = f"http://127.0.0.1:{inference}/predictions/{container.MODEL}"
+        image_png = protocol.png_bytes(data.raw_split("test", 1)[0][0])
+        url = f"http://127.0.0.1:{inference}/predictions/{docker_build.MODEL}"
         assert httpx.post(url, content=image_png, trust_env=False).status_code in (400, 401, 403)
         answer = httpx.post(url, content=image_png, headers={"Authorization": f"Bearer {key}"}, trust_env=False)
-        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in serve.index_to_name().values()
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in torchserve.index_to_name().values()
     finally:
         run("down", "--timeout", "10")
     assert run("ps", "-q").strip() == ""

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from deploylab import config, data, export
+from deploylab import config, data, export, onnx_int8, onnxrt
 
 
 def tiny_net() -> nn.Module:
@@ -58,8 +58,8 @@ def test_external_data_is_detected(tmp_path, images):
 def test_legacy_export_is_opset_13(tmp_path, images):
     info = export.export_onnx(tiny_net(), tmp_path / "legacy.onnx", example=images[0][:2], dynamo=False)
     assert info.exporter == "legacy" and info.opset == 13
-    sess = export.session(info.path)
-    assert export.run(sess, images[0][:5]).shape == (5, 10)
+    sess = onnxrt.session(info.path)
+    assert onnxrt.run(sess, images[0][:5]).shape == (5, 10)
 
 
 def test_verify_passes_and_runs_any_batch_size(exported, images):
@@ -68,9 +68,9 @@ def test_verify_passes_and_runs_any_batch_size(exported, images):
     result = export.verify(info.path, x, model, y)
     assert result.images == len(x) and result.top1_agreement == 1.0
     assert result.max_abs_diff <= result.tolerance and result.accuracy == result.reference_accuracy
-    sess = export.session(info.path)
+    sess = onnxrt.session(info.path)
     for b in (1, 7, 32):  # dynamic batch: every size runs
-        assert export.run(sess, x[:b]).shape == (b, 10)
+        assert onnxrt.run(sess, x[:b]).shape == (b, 10)
 
 
 def test_verify_raises_on_broken_parity(exported, images):
@@ -117,18 +117,18 @@ def test_bad_inputs_get_clear_errors(exported, images):
     with pytest.raises(ValueError, match="empty"):
         export.verify(info.path, images[0][:0], model)
     with pytest.raises(TypeError, match="float32"):
-        export.run(export.session(info.path), images[0].double())
+        onnxrt.run(onnxrt.session(info.path), images[0].double())
     with pytest.raises(ValueError, match=r"\*\.onnx"):
         export.export_onnx(model, info.path.with_suffix(".bin"))
     with pytest.raises(TypeError, match="nn.Module"):
         export.export_onnx(lambda x: x, info.path)
     with pytest.raises(ValueError, match="optimization"):
-        export.session(info.path, optimization="max")
+        onnxrt.session(info.path, optimization="max")
 
 
 def test_calibration_reader_feeds_all_images_then_none():
     cal = data.calibration_set(10)
-    reader = export.CalibrationReader(cal, batch_size=4)
+    reader = onnx_int8.CalibrationReader(cal, batch_size=4)
     sizes = []
     while (batch := reader.get_next()) is not None:
         sizes.append(len(batch["input"]))
@@ -144,22 +144,22 @@ def test_calibration_reader_feeds_all_images_then_none():
 ])
 def test_calibration_reader_refuses_bad_data(bad, match):
     with pytest.raises(ValueError, match=match):
-        export.CalibrationReader(bad)
+        onnx_int8.CalibrationReader(bad)
 
 
 def test_static_int8_quantizes_and_stays_close(exported, images, tmp_path):
     model, info = exported
     x, _ = images
-    reader = export.CalibrationReader(data.calibration_set(32), batch_size=16)
-    out = export.quantize_int8(info.path, tmp_path / "tiny_int8.onnx", reader, export.Int8Config("qdq", True))
+    reader = onnx_int8.CalibrationReader(data.calibration_set(32), batch_size=16)
+    out = onnx_int8.quantize_int8(info.path, tmp_path / "tiny_int8.onnx", reader, onnx_int8.Int8Config("qdq", True))
     assert reader.batches_read == 2
     ops = export.describe(out)["op_types"]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-    q = export.run(export.session(out), x)
-    ref = export.run(export.session(info.path), x)
+    q = onnxrt.run(onnxrt.session(out), x)
+    ref = onnxrt.run(onnxrt.session(info.path), x)
     assert q.shape == ref.shape and (q.argmax(1) == ref.argmax(1)).mean() >= 0.8
     assert not np.array_equal(q, ref), "an INT8 model that equals fp32 bit for bit was not quantized"
-    qop = export.quantize_int8(info.path, tmp_path / "tiny_qop.onnx", reader, export.Int8Config("qoperator", False))
+    qop = onnx_int8.quantize_int8(info.path, tmp_path / "tiny_qop.onnx", reader, onnx_int8.Int8Config("qoperator", False))
     assert "QLinearConv" in export.describe(qop)["op_types"]
 
 
@@ -178,7 +178,7 @@ def test_card_roundtrip_and_sha_mismatch_is_refused(exported, images, tmp_path):
     assert saved["inputs"][0]["name"] == "input" and saved["class_names"] == list(data.CLASS_NAMES)
     assert saved["preprocessing"]["mean"] == data.MEAN and saved["parity"]["top1_agreement"] == 1.0
     sess, got = export.load_exported(path, profile="smoke")
-    assert got["sha256"] == card["sha256"] and export.run(sess, x[:3]).shape == (3, 10)
+    assert got["sha256"] == card["sha256"] and onnxrt.run(sess, x[:3]).shape == (3, 10)
     with pytest.raises(export.ExportError, match="profile 'smoke', not 'full'"):
         export.load_exported(path, profile="full")
     raw = bytearray(path.read_bytes())

@@ -4,7 +4,7 @@ import torch
 from deploylab import models
 
 
-@pytest.mark.parametrize("arch, params", [("resnet50", 23_500_000), ("mobilenet_v2", 2_230_000)])
+@pytest.mark.parametrize("arch, params", [("resnet50", 23_500_000), ("mobilenet_v2", 2_230_000), ("mobilenet_v2_x0_5", 700_000)])
 def test_architectures_take_one_channel_32px_and_give_10_logits(arch, params):
     model = models.build(arch).eval()
     with torch.inference_mode():
@@ -14,7 +14,7 @@ def test_architectures_take_one_channel_32px_and_give_10_logits(arch, params):
 
 
 def test_unknown_architecture():
-    with pytest.raises(ValueError, match="resnet50, mobilenet_v2"):
+    with pytest.raises(ValueError, match="resnet50, mobilenet_v2, mobilenet_v2_x0_5"):
         models.build("vgg16")
 
 

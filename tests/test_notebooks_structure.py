@@ -1,4 +1,4 @@
-"""Every lesson notebook has the same bones (DESIGN.md, "a notebook is a lesson").
+"""Every lesson notebook has the same bones (docs/ARCHITECTURE.md: objectives, technique, measurements, takeaways, exercise).
 
 Checked on the committed .ipynb files, without running them (nbval runs them): an intro stating
 what it teaches, the time per profile and what it needs; the banner as the first code cell; the

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from deploylab import assets, cli, config, data, models, train
+from deploylab.files import sha256_file
 
 
 def tiny_net() -> nn.Module:
@@ -150,10 +151,10 @@ def test_a_damaged_shipped_model_is_refused_with_the_fix(tiny_shipped, damage):
     elif damage == "lfs pointer":
         pt.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 4712345\n")
     else:  # a different, valid model whose metadata was edited to match: the manifest still catches it
-        other = models.build("mobilenet_v2")
+        other = models.build(models.ROLES["student"])
         torch.save(other.state_dict(), pt)
         meta = json.loads(pt.with_suffix(".json").read_text())
-        meta["sha256"] = models.sha256_file(pt)
+        meta["sha256"] = sha256_file(pt)
         pt.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(models.CheckpointError, match=r"refusing shipped model .*git checkout.*--only student --force"):
         assets.student("workshop")
@@ -165,10 +166,10 @@ def test_an_interrupted_force_run_never_replaces_the_good_model(tiny_shipped):
     good = pt.read_bytes()
     with interrupt_after(1), pytest.raises(Interrupt):
         assets.prepare("workshop", only=("student",), force=True, logits_cache=False)
-    assert pt.read_bytes() == good and assets.student("workshop").meta["sha256"] == models.sha256_file(pt)
+    assert pt.read_bytes() == good and assets.student("workshop").meta["sha256"] == sha256_file(pt)
     assert assets.resume_path("student", tiny_shipped).is_file()  # the finished epoch is kept for the next run
     metas = assets.prepare("workshop", only=("student",), logits_cache=False)  # the same command again: continues
-    assert metas["student"]["resumed_at_epochs"] == [1] and metas["student"]["sha256"] == models.sha256_file(pt)
+    assert metas["student"]["resumed_at_epochs"] == [1] and metas["student"]["sha256"] == sha256_file(pt)
     assert not assets.resume_path("student", tiny_shipped).is_file()
     again = assets.prepare("workshop", only=("student",), logits_cache=False)  # nothing left to do: verified, not retrained
     assert again["student"]["created"] == metas["student"]["created"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from deploylab import models, prune
+from deploylab import config, models, prune
 
 
 def small_model() -> nn.Module:
@@ -146,11 +146,9 @@ def test_pruned_model_roundtrip_and_tamper(tmp_path):
 
 
 def test_sizes_per_profile():
-    for name in ("smoke", "workshop", "full"):
-        s = prune.sizes_for(name)
+    for profile in config.PROFILES.values():
+        s = prune.sizes(profile)
         assert all(0 < x < 1 for x in (*s.sparsities, *s.student_ratios, s.teacher_ratio, *s.sensitivity_ratios))
-    with pytest.raises(ValueError, match="smoke, workshop, full"):
-        prune.sizes_for("huge")
 
 
 def test_finetune_keeps_pruned_weights_at_zero():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from deploylab import config, data, quantize
+from deploylab import bench, config, data, quantize
 
 
 def small_cnn() -> nn.Module:
@@ -18,7 +18,7 @@ def test_sizes_exist_for_every_profile():
     for name, s in quantize.SIZES.items():
         assert s.name == name and s.qat_steps >= 1 and s.keep_float >= 1
         assert all(n >= 1 for n in s.calibration_sweep)
-    assert quantize.sizes_for("smoke") is quantize.SIZES["smoke"]
+    assert quantize.sizes(config.PROFILES["smoke"]) is quantize.SIZES["smoke"]
 
 
 def test_calibration_without_images_is_a_clear_error():
@@ -87,7 +87,7 @@ def test_evenly_spaced():
 
 
 def test_macs_count_conv_and_linear():
-    macs = quantize.macs_by_layer_type(small_cnn(), torch.zeros(1, 1, 8, 8))
+    macs = bench.macs_by_layer_type(small_cnn(), torch.zeros(1, 1, 8, 8))
     assert macs == {"Conv2d": 8 * 8 * 8 * 9, "Linear": 8 * 10}
 
 
@@ -144,11 +144,6 @@ def test_export_rejects_a_single_image_example():
 def test_qat_finetune_checks_its_inputs():
     with pytest.raises(ValueError):
         quantize.qat_finetune(small_cnn(), torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), steps=0, batch_size=2, lr=0.1)
-
-
-def test_target_line():
-    assert quantize.target_line("x", ">= 2", "3", True) == "x: target >= 2 | measured 3 | met"
-    assert quantize.target_line("x", ">= 2", "1", False, "slow CPU").endswith("MISSED -- slow CPU")
 
 
 def test_program_bytes_does_not_carry_the_storage_of_a_sliced_example():

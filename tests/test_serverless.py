@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from deploylab import data, export, serve, serverless
+from deploylab import data, export, onnxrt
+from deploylab.serving import corpus, protocol, serverless
 
 
 @pytest.fixture
@@ -18,11 +19,11 @@ def function(onnx_path):
 
 
 def test_png_and_pixel_events_match_in_process_onnxruntime(function, onnx_path):
-    images, _ = serve.test_images(16)
+    images, _ = data.raw_split("test", 16)
     sess, _ = export.load_exported(onnx_path, threads=1)
-    reference = export.run(sess, data.preprocess(images)).argmax(1)
+    reference = onnxrt.run(sess, data.preprocess(images)).argmax(1)
     for img, ref in zip(images, reference):
-        for event in (serverless.event_from_image(serve.png_bytes(img)), serverless.event_from_pixels(img)):
+        for event in (serverless.event_from_image(protocol.png_bytes(img)), serverless.event_from_pixels(img)):
             answer = function(event, None)
             assert answer["statusCode"] == 200 and answer["headers"]["Content-Type"] == "application/json"
             body = json.loads(answer["body"])
@@ -32,7 +33,7 @@ def test_png_and_pixel_events_match_in_process_onnxruntime(function, onnx_path):
 
 
 def test_bad_inputs_get_4xx_with_a_message(function):
-    for case in serve.bad_inputs():
+    for case in corpus.bad_inputs():
         answer = function(serverless.event_from_body(case.body, case.content_type), None)
         code = answer["statusCode"]
         assert 400 <= code < 500, (case.name, code, answer["body"][:200])
@@ -41,23 +42,32 @@ def test_bad_inputs_get_4xx_with_a_message(function):
         assert json.loads(answer["body"])["message"], case.name
 
 
-@pytest.mark.parametrize("event", [None, [], {"headers": {}}, {"body": 12}, {"body": "@@@", "isBase64Encoded": True}])
-def test_malformed_events_are_4xx(function, event):
-    assert 400 <= function(event, None)["statusCode"] < 500
+@pytest.mark.parametrize("event", [
+    None, [], {"headers": {}}, {"body": 12}, {"body": "@@@", "isBase64Encoded": True},
+    {"body": "[[1]]", "headers": ["content-type", "application/json"]},  # headers as a list
+    {"body": "[[1]]", "headers": "application/json"},  # headers as a string
+    {"body": "[[1]]", "headers": {"content-type": 7}},  # a header value that is not a string
+    {"body": "[" * 50_000, "headers": {"content-type": "application/json"}},  # RecursionError in json.loads
+    {"body": "[[" + "9" * 5_000 + "]]", "headers": {"content-type": "application/json"}},  # over 4,300 digits
+    {"body": "\ud800", "headers": {}},  # a lone surrogate: valid in a JSON event, not in UTF-8
+])
+def test_malformed_events_are_4xx_never_an_exception(function, event):
+    answer = function(event, None)
+    assert 400 <= answer["statusCode"] < 500 and json.loads(answer["body"])["message"]
 
 
 def test_unconfigured_function_says_how_to_configure():
     serverless.configure(None)
-    images, _ = serve.test_images(1)
+    images, _ = data.raw_split("test", 1)
     with pytest.raises(RuntimeError, match=serverless.MODEL_ENV):
-        serverless.handler(serverless.event_from_image(serve.png_bytes(images[0])), None)
+        serverless.handler(serverless.event_from_image(protocol.png_bytes(images[0])), None)
 
 
 def test_cold_start_in_fresh_processes(onnx_path):
-    images, _ = serve.test_images(1)
+    images, _ = data.raw_split("test", 1)
     sess, _ = export.load_exported(onnx_path, threads=1)
-    ref = int(export.run(sess, data.preprocess(images)).argmax(1)[0])
-    cs = serverless.cold_start(onnx_path, serverless.event_from_image(serve.png_bytes(images[0])), repeats=2)
+    ref = int(onnxrt.run(sess, data.preprocess(images)).argmax(1)[0])
+    cs = serverless.cold_start(onnx_path, serverless.event_from_image(protocol.png_bytes(images[0])), repeats=2)
     assert cs.repeats == 2 and cs.statuses == [200, 200]
     assert all(a["predictions"][0]["index"] == ref for a in cs.answers)
     for phase in serverless.PHASES:

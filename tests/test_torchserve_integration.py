@@ -11,9 +11,10 @@ import httpx
 import numpy as np
 import pytest
 
-from deploylab import config, data, export, serve
+from deploylab import config, data, export, onnxrt
+from deploylab.serving import corpus, load, protocol, torchserve
 
-JAVA = serve.java_problem()
+JAVA = torchserve.java_problem()
 pytestmark = pytest.mark.skipif(JAVA is not None, reason=f"TorchServe cannot run here: {JAVA}")
 
 MODEL = "student"
@@ -23,10 +24,10 @@ PT_MODEL = "student_pytorch"  # the same handler with backend: pytorch
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, onnx_path):
     store = tmp_path_factory.mktemp("model-store")
-    serve.build_archive(onnx_path, store, MODEL, serve.ModelConfig(batch_size=8, max_batch_delay_ms=5))
+    torchserve.build_archive(onnx_path, store, MODEL, torchserve.ModelConfig(batch_size=8, max_batch_delay_ms=5))
     checkpoint = config.artefacts_dir(config.get_profile()) / "student.pt"
-    serve.build_archive(checkpoint, store, PT_MODEL, serve.ModelConfig(backend="pytorch", min_workers=1, max_workers=1))
-    ts = serve.TorchServe(store, {MODEL: f"{MODEL}.mar", PT_MODEL: f"{PT_MODEL}.mar"},
+    torchserve.build_archive(checkpoint, store, PT_MODEL, torchserve.ModelConfig(backend="pytorch", min_workers=1, max_workers=1))
+    ts = torchserve.TorchServe(store, {MODEL: f"{MODEL}.mar", PT_MODEL: f"{PT_MODEL}.mar"},
                           workdir=tmp_path_factory.mktemp("torchserve"))
     with ts:
         yield ts
@@ -40,16 +41,16 @@ def client(server):
 
 
 def test_served_top1_matches_onnxruntime(client, onnx_path, profile):
-    n = serve.sizes(profile).parity_images
-    images, labels = serve.test_images(n)
+    n = torchserve.sizes(profile).parity_images
+    images, labels = data.raw_split("test", n)
     assert len(images) >= min(200, profile.test_images or 10_000)
     sess, _ = export.load_exported(onnx_path, profile=profile)
-    logits = export.run(sess, data.preprocess(images))
-    result = serve.served_parity(client, MODEL, images, logits.argmax(1), progress=False)
+    logits = onnxrt.run(sess, data.preprocess(images))
+    result = load.served_parity(client, MODEL, images, logits.argmax(1), progress=False)
     assert result["statuses"] == {200: len(images)}
     assert result["agreement"] == 1.0, f"served top-1 differs from ONNX Runtime on {1 - result['agreement']:.1%} of images"
     # probabilities too, not only the arg-max (a smoke model may predict one class for everything)
-    r = client.predict(MODEL, serve.png_bytes(images[0]), "image/png").json()["predictions"]
+    r = client.predict(MODEL, protocol.png_bytes(images[0]), "image/png").json()["predictions"]
     z = logits[0] - logits[0].max()
     probs = np.exp(z) / np.exp(z).sum()
     for p in r:
@@ -58,17 +59,17 @@ def test_served_top1_matches_onnxruntime(client, onnx_path, profile):
 
 
 def test_pytorch_backend_agrees_with_onnxruntime(client, onnx_path, profile):
-    images, _ = serve.test_images(32)
+    images, _ = data.raw_split("test", 32)
     sess, _ = export.load_exported(onnx_path, profile=profile)
-    reference = export.run(sess, data.preprocess(images)).argmax(1)
-    result = serve.served_parity(client, PT_MODEL, images, reference, progress=False)
+    reference = onnxrt.run(sess, data.preprocess(images)).argmax(1)
+    result = load.served_parity(client, PT_MODEL, images, reference, progress=False)
     assert result["statuses"] == {200: 32} and result["agreement"] == 1.0
 
 
 def test_json_pixels_give_the_same_answer_as_png(client):
-    images, _ = serve.test_images(3)
+    images, _ = data.raw_split("test", 3)
     for im in images:
-        a = client.predict(MODEL, serve.png_bytes(im), "image/png").json()
+        a = client.predict(MODEL, protocol.png_bytes(im), "image/png").json()
         b = client.predict(MODEL, im.tolist()).json()
         c = client.predict(MODEL, {"pixels": im.tolist()}).json()
         assert a == b == c
@@ -76,21 +77,21 @@ def test_json_pixels_give_the_same_answer_as_png(client):
 
 def test_bad_inputs_get_4xx_and_server_stays_healthy(server, client):
     pids_before = sorted(client.worker_pids(MODEL))
-    rows = serve.run_bad_inputs(client, MODEL, serve.bad_inputs())
+    rows = corpus.run_bad_inputs(client, MODEL, corpus.bad_inputs())
     wrong = [r for r in rows if not r["ok"]]
     assert not wrong, f"bad inputs without the expected 4xx: {wrong}"
     assert all(r["json"] for r in rows if r["answered by"] == "handler"), "every handler error must be JSON"
     assert client.ping()["status"] == "Healthy"
     assert sorted(client.worker_pids(MODEL)) == pids_before, "a worker died on bad input"
-    image = serve.test_images(1)[0][0]
-    assert client.predict(MODEL, serve.png_bytes(image), "image/png").status_code == 200
+    image = data.raw_split("test", 1)[0][0]
+    assert client.predict(MODEL, protocol.png_bytes(image), "image/png").status_code == 200
 
 
 def test_one_bad_request_does_not_fail_its_batch(client):
     """Requests batched together: the bad one gets its 4xx, the good ones their answers."""
     from concurrent.futures import ThreadPoolExecutor
 
-    good = serve.png_bytes(serve.test_images(1)[0][0])
+    good = protocol.png_bytes(data.raw_split("test", 1)[0][0])
     bodies = [good, b"not an image"] * 8
     with ThreadPoolExecutor(16) as pool:
         statuses = list(pool.map(lambda b: client.predict(MODEL, b, "application/octet-stream").status_code, bodies))
@@ -98,7 +99,7 @@ def test_one_bad_request_does_not_fail_its_batch(client):
 
 
 def test_requests_without_or_with_a_wrong_token_are_refused(server):
-    image = serve.png_bytes(serve.test_images(1)[0][0])
+    image = protocol.png_bytes(data.raw_split("test", 1)[0][0])
     url = f"{server.url('inference')}/predictions/{MODEL}"
     no_token = httpx.post(url, content=image)
     wrong = httpx.post(url, content=image, headers={"Authorization": "Bearer not-the-key"})

@@ -1,0 +1,445 @@
+"""A custom model server: Starlette on uvicorn, ONNX Runtime, micro-batching -- and a local function host.
+
+One small ASGI app that you own end to end (lesson 07), in two modes:
+
+- ``batch`` (the custom server): every request is decoded and validated on its own
+  (:mod:`deploylab.serving.protocol`, the same code as the TorchServe handler and the serverless function),
+  then queued; a :class:`MicroBatcher` takes up to ``max_batch`` queued inputs -- waiting at most
+  ``max_wait_ms`` for more when the queue runs dry -- and makes ONE ``session.run`` per batch in a
+  worker thread, so the event loop keeps accepting requests while the model runs.
+- ``function``: a local stand-in for a cloud function's HTTP front door (what AWS's Runtime Interface
+  Emulator or ``sam local`` do): each request becomes an API-Gateway event for
+  :func:`deploylab.serving.serverless.handler`, run one at a time, as one function instance runs them.
+
+Both modes speak TorchServe's URLs (``GET /ping``, ``POST /predictions/<model>``) so that
+:class:`deploylab.serving.api.Client` and :func:`deploylab.serving.load.load_run` drive all servers with the same
+code, bind 127.0.0.1 only, and require a bearer token that the server generates at start and writes to
+a key file readable by its owner only (0600), as TorchServe's ``key_file.json``.
+
+:class:`AsgiServer` starts the app as a subprocess in its own process group and stops it leaving
+nothing behind (also at interpreter exit), through :class:`deploylab.serving.processes.ServerProcess`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import config, export
+from . import protocol, serverless
+from .api import Client
+from .processes import ServeError, ServerProcess, free_ports
+from .protocol import BadRequest
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True)
+class LessonSizes:
+    """Lesson-07 sizes per profile (the code path is the same in every profile)."""
+
+    parity_images: int  # real test images sent to every server and compared with in-process ONNX Runtime
+    load_requests: int  # requests per load run (one run per server and concurrency)
+    load_seconds: float  # a load run stops after this long even if requests remain
+    cold_repeats: int  # fresh processes for the serverless cold start
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    max_batch: int = 16  # micro-batching of the custom server, and TorchServe's batchSize
+    max_wait_ms: float = 5.0
+    workers: int = 2  # TorchServe's Python workers (1 ONNX Runtime thread each)
+
+
+SIZES: dict[str, LessonSizes] = {
+    "smoke": LessonSizes(parity_images=64, load_requests=96, load_seconds=4.0, cold_repeats=3),
+    "workshop": LessonSizes(parity_images=500, load_requests=800, load_seconds=10.0, cold_repeats=5),
+    "full": LessonSizes(parity_images=2_000, load_requests=3_000, load_seconds=30.0, cold_repeats=10),
+}
+
+
+def sizes(profile: "config.Profile") -> LessonSizes:
+    """The lesson's sizes for ``profile``."""
+    return SIZES[profile.name]
+
+
+MODES = ("batch", "function")
+MAX_QUEUE = 256  # inputs waiting for the model before new ones are shed with 503 (about 1 s of work on 2 cores)
+RETRY_AFTER_S = 1
+BODY_TIMEOUT_S = 10.0  # the whole body must arrive within this; uvicorn itself has no such timeout
+MAX_REQUEST_BYTES = 1 << 20  # the outer limit, as TorchServe's max_request_size; protocol.LIMITS is the inner one
+
+
+# --------------------------------------------------------------------------------------------
+# Micro-batching
+# --------------------------------------------------------------------------------------------
+
+
+class Overloaded(RuntimeError):
+    """The queue is full: the request is shed with 503 and ``Retry-After``."""
+
+
+class MicroBatcher:
+    """Queue single inputs; run them in batches of up to ``max_batch``, one model call per batch.
+
+    A batch starts as soon as the model is free and something is queued; if fewer than
+    ``max_batch`` inputs wait and other requests are still being read and decoded (``arriving``), it
+    waits up to ``max_wait_ms`` for them -- a lone request runs at once. While a batch runs (in one
+    worker thread: ONNX Runtime releases the GIL), new requests queue up, so under load the next
+    batch is usually full without any waiting.
+    """
+
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *, max_batch: int = 16, max_wait_ms: float = 5.0,
+                 max_queue: int = MAX_QUEUE):
+        if max_batch < 1 or max_wait_ms < 0 or max_queue < 1:
+            raise ValueError(f"need max_batch >= 1, max_wait_ms >= 0 and max_queue >= 1, got {max_batch}, {max_wait_ms}, {max_queue}")
+        self.run_batch, self.max_batch, self.max_wait_s = run_batch, max_batch, max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.batch_sizes: Counter = Counter()
+        self.arriving = 0  # requests accepted but not yet queued (reading/decoding): worth waiting for
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        """Queue one preprocessed input ``(1, ...)``; returns its row of the model's output ``(1, classes)``.
+
+        Raises :class:`Overloaded` when ``max_queue`` inputs already wait: shedding load on purpose
+        (an honest 503 with ``Retry-After``) rather than queueing without bound.
+        """
+        if self.queue.qsize() >= self.max_queue:
+            raise Overloaded(f"server busy: {self.queue.qsize()} requests are queued (the limit is {self.max_queue}); "
+                             f"retry after {RETRY_AFTER_S} s")
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((x, fut))
+        return await fut
+
+    async def _collect(self) -> list[tuple[np.ndarray, asyncio.Future]]:
+        loop = asyncio.get_running_loop()
+        items = [await self.queue.get()]
+        deadline = loop.time() + self.max_wait_s
+        while len(items) < self.max_batch:
+            try:
+                items.append(self.queue.get_nowait())  # already waiting: take it without delay
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self.arriving == 0:  # nobody else on the way: do not make this batch wait
+                break
+            try:
+                items.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return items
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._collect()
+            items = [(x, f) for x, f in items if not f.cancelled()]  # clients that went away
+            if not items:
+                continue
+            self.batch_sizes[len(items)] += 1
+            try:
+                out = await loop.run_in_executor(self.executor, self.run_batch, np.concatenate([x for x, _ in items]))
+            except Exception as e:  # the model failed: every waiting request learns it (a 500, logged by uvicorn)
+                for _, f in items:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for i, (_, f) in enumerate(items):
+                if not f.done():
+                    f.set_result(out[i : i + 1])
+
+
+# --------------------------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------------------------
+
+
+def _error(code: int, message: str) -> Response:
+    return Response(BadRequest(message, code).body() if 400 <= code < 500 else json.dumps({"code": code, "message": message}),
+                    status_code=code, media_type="application/json")
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` (before reading it all),
+    and with 408 when the client has not sent all of it within ``timeout_s`` (a body shorter than its
+    Content-Length, or one sent a byte at a time, would otherwise hold the connection forever)."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise BadRequest(f"request too large: {int(length):,} bytes, the server's limit is {limit:,}", 413)
+    chunks, n = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > limit:
+                    raise BadRequest(f"request too large: over {limit:,} bytes, the server's limit", 413)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {timeout_s:.0f} s ({n:,} bytes so far)", 408) from None
+    except ClientDisconnect:
+        raise BadRequest("the client went away before sending the whole body") from None
+    return b"".join(chunks)
+
+
+def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", model_name: str = "student",
+               max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, top_k: int = 3,
+               max_request_bytes: int = MAX_REQUEST_BYTES, body_timeout_s: float = BODY_TIMEOUT_S) -> Starlette:
+    """The Starlette app (see the module docstring). ``key`` is the bearer token every request must carry."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if len(key) < 16:
+        raise ValueError("the bearer key must be at least 16 characters (use secrets.token_urlsafe)")
+    expected = f"Bearer {key}".encode()
+    state: dict[str, Any] = {}
+
+    def authorized(request) -> bool:
+        return hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if mode == "batch":
+            sess, card = export.load_exported(model_path, threads=threads)  # sha256 checked against the card
+            name = sess.get_inputs()[0].name
+            state["batcher"] = MicroBatcher(lambda x: sess.run(None, {name: x})[0], max_batch=max_batch, max_wait_ms=max_wait_ms)
+            state["batcher"].start()
+        else:
+            serverless.configure(model_path, threads=threads)
+            serverless.model()  # a warm instance: the cold start is measured separately (serverless.cold_start)
+            state["executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="function")
+        yield
+        if mode == "batch":
+            await state["batcher"].stop()
+        else:
+            state["executor"].shutdown(wait=False, cancel_futures=True)
+
+    async def ping(request):
+        if not authorized(request):
+            return _error(401, "missing or wrong bearer token: send 'Authorization: Bearer <key from the key file>'")
+        return JSONResponse({"status": "Healthy"})
+
+    async def stats(request):
+        if not authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        b = state.get("batcher")
+        return JSONResponse({"mode": mode, "pid": os.getpid(), "batch_sizes": dict(b.batch_sizes) if b else {},
+                             "modules": sorted({m.split(".")[0] for m in sys.modules})})
+
+    async def predict(request):
+        if not authorized(request):
+            return _error(401, "missing or wrong bearer token: send 'Authorization: Bearer <key from the key file>'")
+        if request.path_params["model"] != model_name:
+            return _error(404, f"no model {request.path_params['model']!r}; this server serves {model_name!r}")
+        if mode == "function":
+            try:
+                body = await _read_body(request, max_request_bytes, body_timeout_s)
+            except BadRequest as e:
+                return Response(e.body(), status_code=e.code, media_type="application/json")
+            event = serverless.event_from_body(body, request.headers.get("content-type"))
+            answer = await asyncio.get_running_loop().run_in_executor(state["executor"], serverless.handler, event, None)
+            return Response(answer["body"], status_code=answer["statusCode"], media_type="application/json")
+        batcher = state["batcher"]
+        batcher.arriving += 1
+        try:
+            body = await _read_body(request, max_request_bytes, body_timeout_s)
+            x = protocol.model_input(protocol.decode_http(body, request.headers.get("content-type")))
+        except BadRequest as e:
+            return Response(e.body(), status_code=e.code, media_type="application/json")
+        finally:
+            batcher.arriving -= 1
+        try:
+            logits = await batcher.submit(x)
+        except Overloaded as e:
+            return Response(json.dumps({"code": 503, "type": "ServiceUnavailable", "message": str(e)}), status_code=503,
+                            media_type="application/json", headers={"Retry-After": str(RETRY_AFTER_S)})
+        return JSONResponse(protocol.top_k(logits, top_k)[0])
+
+    routes = [Route("/ping", ping, methods=["GET"]), Route("/stats", stats, methods=["GET"]),
+              Route("/predictions/{model}", predict, methods=["POST"])]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def write_key_file(path: str | os.PathLike) -> str:
+    """Generate a bearer key and write it to ``path``, readable by its owner only (created 0600).
+
+    The file is created exclusively (never written through an existing file or link); one left
+    behind by a server that is gone (its pid no longer runs) is removed first, one of a server
+    that still runs is refused.
+    """
+    path = Path(path)
+    if path.exists():
+        try:
+            owner = int(json.loads(path.read_text()).get("pid", -1))
+        except (OSError, ValueError, AttributeError):
+            owner = -1
+        if owner > 0 and owner != os.getpid() and psutil.pid_exists(owner):
+            raise SystemExit(f"{path} belongs to a running server (pid {owner}): stop it or choose another --key-file")
+        path.unlink()
+    key = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"inference": {"key": key}, "pid": os.getpid()}, f)
+    return key
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m deploylab.serving.asgi --model student_fp32.onnx --port 8080 --key-file key.json``"""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="ONNX file with its .card.json next to it")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="loopback only: put a TLS proxy in front to publish it")
+    p.add_argument("--key-file", required=True, help="where to write the generated bearer key (0600)")
+    p.add_argument("--mode", choices=MODES, default="batch")
+    p.add_argument("--model-name", default="student")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S, help="a request body must arrive within this (408)")
+    a = p.parse_args(argv)
+    if a.host not in LOOPBACK:
+        raise SystemExit(f"refusing to bind {a.host}: this server binds loopback only ({', '.join(LOOPBACK)})")
+    torch.set_num_threads(1)  # data.preprocess of one image: no thread pool fighting ONNX Runtime for the cores
+    key = write_key_file(a.key_file)
+    app = create_app(a.model, key=key, mode=a.mode, model_name=a.model_name, max_batch=a.max_batch,
+                     max_wait_ms=a.max_wait_ms, threads=a.threads, body_timeout_s=a.body_timeout_s)
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False, workers=1)
+    finally:
+        Path(a.key_file).unlink(missing_ok=True)  # the key dies with the server
+
+
+# --------------------------------------------------------------------------------------------
+# Start and stop it from a notebook or a test
+# --------------------------------------------------------------------------------------------
+
+
+class AsgiServer:
+    """The app of this module as a subprocess in its own process group (a context manager)."""
+
+    def __init__(self, model_path: str | os.PathLike, *, mode: str = "batch", model_name: str = "student",
+                 max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, workdir: str | os.PathLike | None = None,
+                 start_timeout_s: float = 60.0, body_timeout_s: float = BODY_TIMEOUT_S):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"no model file {self.model_path}")
+        self.mode, self.model_name = mode, model_name
+        self.max_batch, self.max_wait_ms, self.threads = max_batch, max_wait_ms, threads
+        self.body_timeout_s = body_timeout_s
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"deploylab-asgi-{mode}-"))
+        self.start_timeout_s = start_timeout_s
+        self.port: int | None = None
+        self.ready_s: float | None = None  # from Popen until /ping answered (model loaded)
+        self.process = ServerProcess(f"the ASGI server ({mode})", self.log_file, secrets=[self.key_file])
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "AsgiServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "deploylab.serving.asgi", "--model", str(self.model_path), "--port", str(self.port),
+                "--key-file", str(self.key_file), "--mode", self.mode, "--model-name", self.model_name,
+                "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms), "--threads", str(self.threads),
+                "--body-timeout-s", str(self.body_timeout_s)]
+
+    def start(self) -> "AsgiServer":
+        """Launch the server, wait until /ping answers with the generated key; stop it again on any failure."""
+        if self.process.proc is not None:
+            raise ServeError("this server is already started")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.key_file.unlink(missing_ok=True)
+        self.port = free_ports(1)[0]
+        t0 = time.perf_counter()
+        self.process.launch(self.command(), cwd=config.ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            self.process.wait_until(self._ready, self.start_timeout_s, poll_s=0.05)
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_s = time.perf_counter() - t0
+        return self
+
+    def _ready(self) -> bool:
+        """The key file is written and /ping answers 200 with it."""
+        if not self.key_file.is_file():
+            return False
+        try:
+            r = httpx.get(f"{self.url}/ping", headers={"Authorization": f"Bearer {self.key()}"}, timeout=2, trust_env=False)
+        except (httpx.HTTPError, ValueError, KeyError):
+            return False
+        return r.status_code == 200
+
+    def key(self) -> str:
+        """The bearer key the server wrote to its key file."""
+        return json.loads(self.key_file.read_text())["inference"]["key"]
+
+    def client(self, timeout_s: float = 30.0, **kwargs: Any) -> Client:
+        """An authenticated :class:`~deploylab.serving.api.Client` (the same client as for TorchServe)."""
+        return Client(self.url, self.url, self.url, inference_key=self.key(), management_key=self.key(), timeout_s=timeout_s, **kwargs)
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/stats", headers={"Authorization": f"Bearer {self.key()}"}, trust_env=False).json()
+
+    def processes(self) -> list[psutil.Process]:
+        """Live processes of this server (the uvicorn process and any child)."""
+        return self.process.processes()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM to the process group, SIGKILL after ``timeout_s``; deletes the key; raises if a process survives."""
+        self.process.stop(timeout_s)
+
+    def tail_log(self, lines: int = 30) -> str:
+        return self.process.tail(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Load and faults, the same for every server: a bounded load run, a worker killed under load, parity.
+
+- :func:`load_run` -- a bounded load generator (threads, one request per image, loopback only, a
+  progress bar): per-request latency and status, throughput;
+- :func:`fault_run` -- one worker of a server killed (SIGKILL, as the kernel's OOM killer would)
+  during a load run, and the time until the server has replaced it;
+- :func:`served_parity` -- every image sent once, the served top-1 compared with a reference;
+- :func:`inprocess_throughput` -- the in-process ONNX Runtime baseline a server is measured against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+import numpy as np
+import psutil
+from tqdm.auto import tqdm
+
+from .. import bench, config, data, onnxrt
+from ..config import Profile
+from .api import Client
+from .processes import ServeError
+from .protocol import png_bytes
+
+
+class HasProcesses(Protocol):
+    """A server whose processes can be listed (TorchServe, the container's, the ASGI server)."""
+
+    def processes(self) -> list[psutil.Process]: ...
+
+
+@dataclass
+class LoadResult:
+    """One bounded load run: per-request latencies and statuses, and what they add up to."""
+
+    model: str
+    concurrency: int
+    requests: int
+    seconds: float
+    statuses: dict[int, int]
+    latencies_ms: list[float] = field(repr=False)
+    timeline: list[tuple[float, int]] = field(repr=False)  # (start time in s from the run's start, status)
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get(200, 0)
+
+    @property
+    def errors_5xx(self) -> int:
+        return sum(n for code, n in self.statuses.items() if code >= 500 or code < 100)
+
+    @property
+    def throughput(self) -> float:
+        """Successful images per second over the run."""
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        s = bench.latency_percentiles(self.latencies_ms) if self.latencies_ms else None
+        return {"model": self.model, "concurrency": self.concurrency, "requests": self.requests, "ok": self.ok,
+                "5xx": self.errors_5xx, "images/s": self.throughput,
+                "p50 ms": s.p50_ms if s else None, "p90 ms": s.p90_ms if s else None, "p99 ms": s.p99_ms if s else None}
+
+
+def load_run(client: Client, model: str, bodies: Sequence[bytes], *, concurrency: int, requests: int | None,
+             max_seconds: float, content_type: str = "image/png", progress: bool = True, desc: str | None = None,
+             during: Callable[[float], bool | None] | None = None) -> LoadResult:
+    """Send ``requests`` requests (cycling through ``bodies``) from ``concurrency`` threads.
+
+    Bounded twice: by count (``None``: no count limit) and by ``max_seconds``. A connection error or timeout counts as status
+    0 (a failure). ``during(elapsed_s)`` is called from the main thread about every 50 ms (the fault
+    drill kills a worker from there); when it returns True the run stops early.
+    """
+    if concurrency < 1 or (requests is not None and requests < 1) or not bodies or max_seconds <= 0:
+        raise ValueError("need concurrency >= 1, requests >= 1 (or None), max_seconds > 0 and at least one body")
+    lock = threading.Lock()
+    counter = iter(range(requests)) if requests is not None else itertools.count()
+    latencies: list[float] = []
+    timeline: list[tuple[float, int]] = []
+    start = time.perf_counter()
+    deadline = start + max_seconds
+    stop = threading.Event()
+    bar = tqdm(total=requests, desc=desc or f"{model} x{concurrency}", unit="req", disable=not progress, leave=False)
+
+    def worker() -> None:
+        while time.perf_counter() < deadline and not stop.is_set():
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                status = client.predict(model, bodies[i % len(bodies)], content_type).status_code
+            except httpx.HTTPError:
+                status = 0
+            t1 = time.perf_counter()
+            with lock:
+                latencies.append((t1 - t0) * 1000.0)
+                timeline.append((t0 - start, status))
+                bar.update(1)
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = [pool.submit(worker) for _ in range(concurrency)]
+        while not all(f.done() for f in futures):
+            if during is not None and during(time.perf_counter() - start):
+                stop.set()
+            time.sleep(0.05)
+        for f in futures:
+            f.result()
+    seconds = time.perf_counter() - start
+    bar.close()
+    statuses = Counter(s for _, s in timeline)
+    return LoadResult(model, concurrency, len(timeline), seconds, dict(sorted(statuses.items())), latencies, timeline)
+
+
+@dataclass
+class FaultResult:
+    """A worker killed during load: what failed and how long until the workers were back."""
+
+    killed_pid: int
+    kill_at_s: float
+    recovered_s: float | None  # from the kill until every worker was READY again with a new pid (None: never)
+    failed_requests: int
+    load: LoadResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"killed_pid": self.killed_pid, "kill_at_s": self.kill_at_s, "recovered_s": self.recovered_s,
+                "failed_requests": self.failed_requests, "requests": self.load.requests,
+                "statuses": self.load.statuses, "images/s": self.load.throughput}
+
+
+def fault_run(server: HasProcesses, client: Client, model: str, bodies: Sequence[bytes], *, concurrency: int = 8,
+              max_seconds: float = 30.0, kill_after_s: float = 1.0, settle_s: float = 1.0,
+              progress: bool = True) -> FaultResult:
+    """Kill one worker (SIGKILL, as the kernel's OOM killer would) ``kill_after_s`` into a load run.
+
+    TorchServe's frontend notices the dead worker and starts a new one. Recovery time is measured
+    from the kill until the management API shows as many READY workers as before, none of them the
+    killed pid. The load goes on meanwhile (every non-200 answer counts as failed) and stops
+    ``settle_s`` after recovery, or after ``max_seconds``.
+    """
+    before = client.worker_pids(model)
+    n_before = client.ready_workers(model)
+    if not before:
+        raise ServeError(f"model {model!r} has no worker to kill")
+    victim = before[0]
+    if victim not in {p.pid for p in server.processes()}:
+        raise ServeError(f"worker pid {victim} is not a child of this TorchServe; refusing to kill it")
+    state: dict[str, Any] = {"killed": None, "recovered": None}
+
+    def during(elapsed: float) -> bool:
+        if state["killed"] is None:
+            if elapsed >= kill_after_s:
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(victim).kill()
+                state["killed"] = elapsed
+        elif state["recovered"] is None:
+            with contextlib.suppress(Exception):
+                workers = client.describe(model).get("workers", [])
+                if sum(w.get("status") == "READY" and w.get("pid") != victim for w in workers) >= n_before:
+                    state["recovered"] = elapsed
+        return state["recovered"] is not None and elapsed >= state["recovered"] + settle_s
+
+    load = load_run(client, model, bodies, concurrency=concurrency, requests=None, max_seconds=max_seconds,
+                    progress=progress, desc=f"{model} x{concurrency}, one worker killed", during=during)
+    if state["killed"] is None:
+        raise ServeError(f"the load run ended before the worker was killed at {kill_after_s} s")
+    recovered = None if state["recovered"] is None else state["recovered"] - state["killed"]
+    return FaultResult(victim, state["killed"], recovered, load.requests - load.ok, load)
+
+
+def inprocess_throughput(onnx_path: str | os.PathLike, images: np.ndarray, profile: Profile,
+                         threads: int = config.BENCH_THREADS) -> Any:
+    """Latency stats of in-process ONNX Runtime at batch 32 on real images (``bench.compare_latency``)."""
+    sess = onnxrt.session(onnx_path, threads=threads)
+    x = data.preprocess(images[:32])
+    res = bench.compare_latency({"onnxruntime in-process": onnxrt.as_callable(sess)}, bench.example_inputs(x, (32,)),
+                                profile=profile, progress=False)
+    return res["onnxruntime in-process"][32]
+
+
+def served_parity(client: Client, model: str, images: np.ndarray, reference_top1: np.ndarray, *,
+                  concurrency: int = 8, progress: bool = True) -> dict[str, Any]:
+    """Send every image (PNG) and compare the served top-1 with ``reference_top1``."""
+    if len(images) != len(reference_top1):
+        raise ValueError(f"{len(images)} images for {len(reference_top1)} reference labels")
+    bodies = [png_bytes(im) for im in images]
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        served = list(tqdm(pool.map(lambda b: client.predict(model, b, "image/png"), bodies), total=len(bodies),
+                           desc="served parity", unit="img", disable=not progress, leave=False))
+    statuses = Counter(r.status_code for r in served)
+    top1 = np.array([r.json()["predictions"][0]["index"] if r.status_code == 200 else -1 for r in served])
+    return {"images": len(images), "statuses": dict(statuses), "served_top1": top1,
+            "agreement": float((top1 == np.asarray(reference_top1)).mean())}
