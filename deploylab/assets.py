@@ -38,7 +38,7 @@ from . import config, data, models
 from .config import Profile
 from .files import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 from .hardware import hardware_report
-from .train import Recipe, autocast_dtype, evaluate, fit, predict
+from .train import Recipe, evaluate, fit, predict
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Asset:
 # images/s on 2 AVX2 cores in this loop (90 in a bare step benchmark), so 10 epochs take ~2.2 hours.
 SHIPPED_RECIPES: dict[str, Recipe] = {
     "teacher": Recipe(epochs=10, batch_size=128, lr=0.1, augment=True),
-    "student": Recipe(epochs=10, batch_size=128, lr=0.05, augment=True),
+    "student": Recipe(epochs=15, batch_size=128, lr=0.05, augment=True),
 }
 # The shipped models are stored in fp16 (the fp32 teacher alone is 94 MB) when that changes their
 # test accuracy by less than this; otherwise in fp32.
@@ -109,12 +109,6 @@ def recipe_problems(role: str, profile: Profile, meta: dict[str, Any]) -> list[s
     return problems
 
 
-def training_precision(device: torch.device) -> str:
-    """How :func:`train.fit` computes on ``device``: ``"bfloat16 autocast"`` or ``"float32"``."""
-    amp = autocast_dtype(device)
-    return "float32" if amp is None else f"{str(amp).removeprefix('torch.')} autocast"
-
-
 def _train(role: str, profile: Profile, bar: tqdm | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``role`` at the sizes of ``profile`` (resuming an interrupted run); returns model and metadata."""
     config.seed_everything(0)
@@ -136,9 +130,10 @@ def _train(role: str, profile: Profile, bar: tqdm | None = None) -> tuple[nn.Mod
         "train_images": len(x),
         "training_seconds": round(history["seconds"], 1),
         "training_device": str(device) if device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(0)})",
-        # bf16 autocast where the hardware has fast bf16 (train.autocast_dtype), else fp32: the same
-        # recipe rounds differently on such machines, so the record says which one trained it
-        "training_precision": training_precision(device),
+        # bf16 autocast where it measured faster (train.choose_autocast), else fp32: the same recipe
+        # rounds differently in each, so the record says which one trained it and what the probe measured
+        "training_precision": history["precision"],
+        "precision_probe": history["precision_probe"],
         "resumed_at_epochs": history["resumed_at_epochs"],
         "epoch_seconds": history["epoch_seconds"],
         "epoch_load_average": history["epoch_load_average"],

@@ -173,3 +173,25 @@ def test_an_interrupted_force_run_never_replaces_the_good_model(tiny_shipped):
     assert not assets.resume_path("student", tiny_shipped).is_file()
     again = assets.prepare("workshop", only=("student",), logits_cache=False)  # nothing left to do: verified, not retrained
     assert again["student"]["created"] == metas["student"]["created"]
+
+
+def test_a_cpu_without_bf16_trains_in_fp32_without_a_probe(monkeypatch, xy):
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "fma"})
+    x, y = xy
+    amp, probe = train.choose_autocast(tiny_net(), x[:64], y[:64], nn.functional.cross_entropy, torch.device("cpu"))
+    assert amp is None and probe == {}
+    assert train.precision_name(amp) == "float32"
+
+
+def test_on_a_bf16_cpu_the_faster_precision_wins_and_is_recorded(monkeypatch, xy):
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    monkeypatch.setattr(train, "_PROBED", {})
+    x, y = xy
+    rng = torch.get_rng_state()
+    amp, probe = train.choose_autocast(tiny_net(), x[:64], y[:64], nn.functional.cross_entropy, torch.device("cpu"))
+    assert torch.equal(rng, torch.get_rng_state()), "the probe must not shift the run's random numbers"
+    fp32, bf16 = probe["float32_images_per_s"], probe["bfloat16_images_per_s"]
+    assert fp32 > 0 and bf16 > 0
+    assert amp == (torch.bfloat16 if bf16 > fp32 else None)
+    history = train.fit(tiny_net(), x, y, RECIPE, device=torch.device("cpu"), bar=None)
+    assert history["precision"] == train.precision_name(amp) and history["precision_probe"] == probe
