@@ -19,7 +19,7 @@ def render(profile: Profile) -> str:
     records = read_results(profile)
     if not records:
         return (f"No `{profile.name}` results yet: run `make course PROFILE={profile.name}` "
-                f"(training wants a GPU for `full`), then `deploylab report --profile {profile.name}`.")
+                f"then `deploylab report --profile {profile.name}`.")
     plot = config.results_dir(profile) / "accuracy_vs_latency.png"
     fig = accuracy_vs_latency(records, batch_size=1, mark_pareto=True)
     with atomic_path(plot) as tmp:
