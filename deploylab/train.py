@@ -114,8 +114,12 @@ def choose_autocast(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_f
         return None, {}
     key = (type(model).__name__, sum(p.numel() for p in model.parameters()), tuple(xb.shape), device.type)
     if key not in _PROBED:
+        try:
+            probe = copy.deepcopy(model).to(device).train()
+        except RuntimeError as e:  # e.g. torch.nn.utils.prune's computed weights cannot be deep-copied
+            log.info("bf16 probe skipped for %s (%s): training in fp32", key[0], str(e)[:80])
+            return None, {"skipped": "the model cannot be copied for the probe"}
         rng = torch.get_rng_state()  # the probe's dropout must not shift the training run's random numbers
-        probe = copy.deepcopy(model).to(device).train()
         optimizer = torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=0.9)
         xb = xb.to(device).contiguous(memory_format=torch.channels_last)
         yb = yb.to(device)
