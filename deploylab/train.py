@@ -95,11 +95,11 @@ def bf16_capable(device: torch.device) -> bool:
     return device.type == "cuda" or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-_PROBED: dict[tuple, tuple[torch.dtype | None, dict[str, float]]] = {}
+_PROBED: dict[tuple, tuple[torch.dtype | None, dict[str, Any]]] = {}
 
 
 def choose_autocast(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_fn: Callable,
-                    device: torch.device, rounds: int = 3) -> tuple[torch.dtype | None, dict[str, float]]:
+                    device: torch.device, rounds: int = 3) -> tuple[torch.dtype | None, dict[str, Any]]:
     """bf16 autocast where it trains ``model`` faster than fp32, else None; and the measured images/s.
 
     bf16 hardware does not make every model faster: on 2 cores of an AMX Xeon a width-0.5
@@ -118,7 +118,8 @@ def choose_autocast(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_f
             probe = copy.deepcopy(model).to(device).train()
         except RuntimeError as e:  # e.g. torch.nn.utils.prune's computed weights cannot be deep-copied
             log.info("bf16 probe skipped for %s (%s): training in fp32", key[0], str(e)[:80])
-            return None, {"skipped": "the model cannot be copied for the probe"}
+            _PROBED[key] = None, {"skipped": "the model cannot be copied for the probe"}
+            return _PROBED[key]
         rng = torch.get_rng_state()  # the probe's dropout must not shift the training run's random numbers
         optimizer = torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=0.9)
         xb = xb.to(device).contiguous(memory_format=torch.channels_last)
