@@ -18,7 +18,7 @@ from deploylab.serving import asgi, corpus, load, protocol
 
 @pytest.fixture(scope="module")
 def server(onnx_path):
-    s = asgi.AsgiServer(onnx_path, mode="batch", max_batch=8, max_wait_ms=5, body_timeout_s=2.0)
+    s = asgi.AsgiServer(onnx_path, mode="batch", max_batch=8, max_wait_ms=5, body_timeout_s=2.0, header_timeout_s=2.0)
     s.start()
     procs = s.processes()
     yield s
@@ -89,6 +89,16 @@ def test_bad_inputs_are_4xx_json_and_server_survives(server):
     too_big = httpx.post(f"{server.url}/predictions/student", content=b"A" * (asgi.MAX_REQUEST_BYTES + 1),
                          headers={"Authorization": f"Bearer {server.key()}"}, trust_env=False)
     assert too_big.status_code == 413
+
+
+def test_a_form_upload_is_answered_like_the_raw_image(server):
+    """curl -F image=@shirt.png works on the custom server too (protocol.decode_http unpacks the form)."""
+    png = protocol.png_bytes(data.raw_split("test", 1)[0][0])
+    auth = {"Authorization": f"Bearer {server.key()}"}
+    url = f"{server.url}/predictions/student"
+    raw = httpx.post(url, content=png, headers={**auth, "Content-Type": "image/png"}, trust_env=False)
+    form = httpx.post(url, files={"image": ("shirt.png", png, "image/png")}, headers=auth, trust_env=False)
+    assert raw.status_code == 200 and form.status_code == 200 and form.json() == raw.json(), form.text[:200]
 
 
 def test_micro_batching_under_load(server):
@@ -179,3 +189,35 @@ def test_a_body_shorter_than_its_content_length_gets_408_within_the_timeout(serv
         waited = time.monotonic() - t0
     assert answer.startswith("HTTP/1.1 408"), answer[:200]
     assert 1.5 < waited < 10, f"answered after {waited:.1f} s; the server's body timeout is 2 s"
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /predictions/student HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "],
+                         ids=["nothing", "half the headers"])
+def test_a_connection_without_complete_headers_is_closed_within_the_header_timeout(server, sent):
+    """Slowloris: a client that opens a connection and sends no (or half its) headers is cut off, while
+    a client that trickles one more header byte every 0.5 s does not keep it open either."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        t0 = time.monotonic()
+        sock.sendall(sent)
+        closed = False
+        while time.monotonic() - t0 < 8:
+            try:
+                sock.sendall(b"x")  # trickle: each byte arrives well within any per-byte timeout
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.5)
+            try:
+                if sock.recv(4096) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+        waited = time.monotonic() - t0
+    assert closed, f"the connection was still open after {waited:.1f} s; the server's header timeout is 2 s"
+    assert 1.5 < waited < 5, f"closed after {waited:.1f} s; the server's header timeout is 2 s"
+    assert httpx.get(f"{server.url}/ping", headers={"Authorization": f"Bearer {server.key()}"},
+                     trust_env=False).status_code == 200  # and the server still answers

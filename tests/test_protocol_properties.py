@@ -79,9 +79,30 @@ bodies = st.one_of(
 content_types = st.one_of(
     st.none(),
     st.sampled_from(["application/json", "application/json; charset=utf-8", "image/png", "image/jpeg",
-                     "text/plain", "application/octet-stream", "multipart/form-data"]),
+                     "text/plain", "application/octet-stream", "multipart/form-data",
+                     "multipart/form-data; boundary=xyz", "multipart/form-data; boundary="]),
     st.text(max_size=30),
 )
+
+
+@st.composite
+def form_uploads(draw) -> tuple[bytes, str]:
+    """A multipart/form-data body of 0-3 fields (any names, any bodies above, odd headers), sometimes cut short."""
+    boundary = draw(st.sampled_from(["b0undary", "----x", "a" * 70]))
+    out = b""
+    for _ in range(draw(st.integers(0, 3))):
+        name = draw(st.text(max_size=8)).replace('"', "").replace("\r", "").replace("\n", "")
+        head = f'Content-Disposition: form-data; name="{name}"; filename="f"\r\n'
+        ctype = draw(st.one_of(st.none(), content_types))
+        if ctype is not None:
+            head += f"Content-Type: {ctype}\r\n".replace("\r\n\r\n", "\r\n")
+        if draw(st.booleans()):
+            head += "Content-Transfer-Encoding: " + draw(st.sampled_from(["base64", "quoted-printable", "8bit", "x"])) + "\r\n"
+        out += f"--{boundary}\r\n{head}\r\n".encode("utf-8", "replace") + draw(bodies) + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    if draw(st.booleans()):
+        out = out[: draw(st.integers(0, len(out)))]
+    return out, f"multipart/form-data; boundary={boundary}"
 
 
 def _pixels_or_refusal(decode, *args) -> None:
@@ -99,6 +120,25 @@ def _pixels_or_refusal(decode, *args) -> None:
 @given(body=bodies, content_type=content_types)
 def test_every_http_body_decodes_or_is_refused_with_a_4xx(body, content_type):
     _pixels_or_refusal(protocol.decode_http, body, content_type)
+
+
+@SOME
+@given(form=form_uploads())
+def test_every_form_upload_decodes_or_is_refused_with_a_4xx(form):
+    """A multipart upload (curl -F) of any shape: one image field decodes, anything else is a 4xx."""
+    _pixels_or_refusal(protocol.decode_http, *form)
+
+
+def test_a_form_upload_gives_the_pixels_of_its_image_whatever_the_field_is_called():
+    import httpx
+
+    img = data.raw_split("test", 1)[0][0]
+    for name in ("data", "image", "file"):
+        request = httpx.Request("POST", "http://127.0.0.1/", files={name: ("shirt.png", protocol.png_bytes(img), "image/png")})
+        assert (protocol.decode_http(request.read(), request.headers["content-type"]) == img).all()
+    two = httpx.Request("POST", "http://127.0.0.1/", data={"note": "x"}, files={"image": ("a.png", protocol.png_bytes(img))})
+    with pytest.raises(BadRequest, match="exactly one field"):
+        protocol.decode_http(two.read(), two.headers["content-type"])
 
 
 @MANY

@@ -78,3 +78,15 @@ def test_cold_start_in_fresh_processes(onnx_path):
     assert "onnxruntime" in cs.modules and "torch" in cs.modules
     sizes = serverless.install_bytes(serverless.distributions_of(cs.modules))
     assert sizes["onnxruntime"] > 1e6 and list(sizes.values()) == sorted(sizes.values(), reverse=True)
+
+
+def test_a_form_upload_event_is_answered_like_the_raw_image(function):
+    """A function URL receives a browser's form upload as a base64 multipart body: one field, any name."""
+    import httpx
+
+    png = protocol.png_bytes(data.raw_split("test", 1)[0][0])
+    raw = function(serverless.event_from_image(png), None)
+    request = httpx.Request("POST", "http://127.0.0.1/", files={"upload": ("shirt.png", png, "image/png")})
+    form = function(serverless.event_from_body(request.read(), request.headers["content-type"]), None)
+    assert raw["statusCode"] == 200 and form["statusCode"] == 200, form
+    assert json.loads(form["body"]) == json.loads(raw["body"])

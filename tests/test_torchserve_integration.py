@@ -108,6 +108,31 @@ def test_requests_without_or_with_a_wrong_token_are_refused(server):
     assert mgmt.status_code in (400, 401, 403)
 
 
+def test_exactly_the_documented_endpoints_answer_without_a_key(server):
+    """torchserve.OPEN_ENDPOINTS (lesson 05 and the README's security notes list them) answer without
+    a key; predictions, ping and describing a model do not."""
+    for method, api, path in torchserve.OPEN_ENDPOINTS:
+        r = httpx.request(method, f"{server.url(api)}{path}", trust_env=False)
+        assert r.status_code == 200, (method, api, path, r.status_code)
+    image = protocol.png_bytes(data.raw_split("test", 1)[0][0])
+    for method, api, path in [("GET", "inference", "/ping"), ("POST", "inference", f"/predictions/{MODEL}"),
+                              ("PUT", "inference", f"/predictions/{MODEL}"), ("DELETE", "inference", f"/predictions/{MODEL}"),
+                              ("GET", "management", "/models"), ("GET", "management", f"/models/{MODEL}")]:
+        r = httpx.request(method, f"{server.url(api)}{path}", content=image if method in ("POST", "PUT") else None,
+                          trust_env=False)
+        assert r.status_code in (400, 401, 403), (method, api, path, r.status_code)
+
+
+def test_a_form_upload_is_answered_like_the_raw_image(server, client):
+    """curl -F image=@shirt.png: TorchServe's frontend unpacks the form; the handler takes its one field, any name."""
+    png = protocol.png_bytes(data.raw_split("test", 1)[0][0])
+    raw = client.predict(MODEL, png, "image/png")
+    url = f"{server.url('inference')}/predictions/{MODEL}"
+    for name in ("image", "data"):
+        form = client.http.post(url, files={name: ("shirt.png", png, "image/png")}, headers=client._inference_headers)
+        assert form.status_code == 200 and form.json() == raw.json(), (name, form.status_code, form.text[:200])
+
+
 def test_model_management_api_is_off_and_addresses_are_loopback(server, client):
     r = client.http.post(f"{server.url('management')}/models", params={"url": f"{MODEL}.mar"},
                          headers=client._management_headers)

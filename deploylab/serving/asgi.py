@@ -52,6 +52,7 @@ from starlette.routing import Route
 from .. import config, export
 from . import protocol, serverless
 from .api import Client
+from .header_timeout import HEADER_TIMEOUT_S, header_timeout_protocol
 from .processes import ServeError, ServerProcess, free_ports
 from .protocol import BadRequest
 
@@ -329,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     p.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S, help="a request body must arrive within this (408)")
+    p.add_argument("--header-timeout-s", type=float, default=HEADER_TIMEOUT_S,
+                   help="a request's headers must arrive within this, else the connection is closed")
     a = p.parse_args(argv)
     if a.host not in LOOPBACK:
         raise SystemExit(f"refusing to bind {a.host}: this server binds loopback only ({', '.join(LOOPBACK)})")
@@ -337,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(a.model, key=key, mode=a.mode, model_name=a.model_name, max_batch=a.max_batch,
                      max_wait_ms=a.max_wait_ms, threads=a.threads, body_timeout_s=a.body_timeout_s)
     try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False, workers=1)
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False, workers=1,
+                    http=header_timeout_protocol(a.header_timeout_s))
     finally:
         Path(a.key_file).unlink(missing_ok=True)  # the key dies with the server
 
@@ -352,7 +356,8 @@ class AsgiServer:
 
     def __init__(self, model_path: str | os.PathLike, *, mode: str = "batch", model_name: str = "student",
                  max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, workdir: str | os.PathLike | None = None,
-                 start_timeout_s: float = 60.0, body_timeout_s: float = BODY_TIMEOUT_S):
+                 start_timeout_s: float = 60.0, body_timeout_s: float = BODY_TIMEOUT_S,
+                 header_timeout_s: float = HEADER_TIMEOUT_S):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model_path = Path(model_path)
@@ -360,7 +365,7 @@ class AsgiServer:
             raise FileNotFoundError(f"no model file {self.model_path}")
         self.mode, self.model_name = mode, model_name
         self.max_batch, self.max_wait_ms, self.threads = max_batch, max_wait_ms, threads
-        self.body_timeout_s = body_timeout_s
+        self.body_timeout_s, self.header_timeout_s = body_timeout_s, header_timeout_s
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"deploylab-asgi-{mode}-"))
         self.start_timeout_s = start_timeout_s
         self.port: int | None = None
@@ -389,7 +394,7 @@ class AsgiServer:
         return [sys.executable, "-m", "deploylab.serving.asgi", "--model", str(self.model_path), "--port", str(self.port),
                 "--key-file", str(self.key_file), "--mode", self.mode, "--model-name", self.model_name,
                 "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms), "--threads", str(self.threads),
-                "--body-timeout-s", str(self.body_timeout_s)]
+                "--body-timeout-s", str(self.body_timeout_s), "--header-timeout-s", str(self.header_timeout_s)]
 
     def start(self) -> "AsgiServer":
         """Launch the server, wait until /ping answers with the generated key; stop it again on any failure."""

@@ -50,6 +50,8 @@ class LoadResult:
     statuses: dict[int, int]
     latencies_ms: list[float] = field(repr=False)
     timeline: list[tuple[float, int]] = field(repr=False)  # (start time in s from the run's start, status)
+    # the first answer of each status other than 200: what a client was told ("message") and when to retry
+    refusals: dict[int, dict[str, str | None]] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> int:
@@ -86,6 +88,7 @@ def load_run(client: Client, model: str, bodies: Sequence[bytes], *, concurrency
     counter = iter(range(requests)) if requests is not None else itertools.count()
     latencies: list[float] = []
     timeline: list[tuple[float, int]] = []
+    refusals: dict[int, dict[str, str | None]] = {}
     start = time.perf_counter()
     deadline = start + max_seconds
     stop = threading.Event()
@@ -99,11 +102,15 @@ def load_run(client: Client, model: str, bodies: Sequence[bytes], *, concurrency
                 return
             t0 = time.perf_counter()
             try:
-                status = client.predict(model, bodies[i % len(bodies)], content_type).status_code
-            except httpx.HTTPError:
-                status = 0
+                r = client.predict(model, bodies[i % len(bodies)], content_type)
+                status, refusal = r.status_code, r
+            except httpx.HTTPError as e:
+                status, refusal = 0, f"{type(e).__name__}: {e}"[:200]
             t1 = time.perf_counter()
             with lock:
+                if status != 200 and status not in refusals:
+                    refusals[status] = ({"message": refusal, "retry_after": None} if isinstance(refusal, str) else
+                                        {"message": _message(refusal), "retry_after": refusal.headers.get("retry-after")})
                 latencies.append((t1 - t0) * 1000.0)
                 timeline.append((t0 - start, status))
                 bar.update(1)
@@ -119,7 +126,17 @@ def load_run(client: Client, model: str, bodies: Sequence[bytes], *, concurrency
     seconds = time.perf_counter() - start
     bar.close()
     statuses = Counter(s for _, s in timeline)
-    return LoadResult(model, concurrency, len(timeline), seconds, dict(sorted(statuses.items())), latencies, timeline)
+    return LoadResult(model, concurrency, len(timeline), seconds, dict(sorted(statuses.items())), latencies, timeline,
+                      dict(sorted(refusals.items())))
+
+
+def _message(response: httpx.Response) -> str:
+    """The ``message`` of a JSON error answer, else the start of its text."""
+    try:
+        body = response.json()
+        return str(body.get("message", body) if isinstance(body, dict) else body)[:200]
+    except ValueError:
+        return response.text[:200]
 
 
 @dataclass

@@ -10,7 +10,8 @@ this module:
 - :func:`decode_value` -- a body that may already be parsed (TorchServe parses ``application/json``
   itself) -> uint8 ``(H, H)`` pixels, or :class:`BadRequest`;
 - :func:`decode_http` -- raw HTTP bytes plus their content type (what an ASGI app or an API-Gateway
-  event carries) -> the same;
+  event carries) -> the same; a ``multipart/form-data`` upload (an HTML form, ``curl -F``) with one
+  file field of any name is unpacked first, as TorchServe's frontend does;
 - :func:`refusal` -- the boundary: whatever a decoder raised, as a :class:`BadRequest` (an error
   nobody foresaw is logged and answered 400, never a 500 and never a failed batch);
 - :func:`model_input` -- pixels -> ``data.preprocess`` (the training input contract, imported);
@@ -20,6 +21,8 @@ this module:
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import functools
 import io
 import json
@@ -215,9 +218,34 @@ def decode_http(body: bytes, content_type: str | None, lim: dict[str, Any] | Non
         raise BadRequest(f"the Content-Type header must be text, got a {type(content_type).__name__}")
     if len(body) > lim["max_bytes"]:  # before parsing anything
         raise BadRequest(f"body too large: {len(body):,} bytes, the limit is {lim['max_bytes']:,}", 413)
-    if (content_type or "").split(";")[0].strip().lower() == "application/json" and body.strip():
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        body, content_type = form_upload(body, content_type)
+        media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type == "application/json" and body.strip():
         return decode_value(parse_json(body), lim)
     return decode_value(body, lim)
+
+
+def form_upload(body: bytes, content_type: str) -> tuple[bytes, str | None]:
+    """The one field of a ``multipart/form-data`` body -> its bytes and content type.
+
+    Parsed with the standard library's MIME parser (a form upload is a MIME multipart message). The
+    field may have any name; a form without fields, or with more than one, is refused with 400.
+    """
+    if "boundary=" not in content_type.lower():
+        raise BadRequest("multipart/form-data without a boundary= parameter: let the HTTP client build the form")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body)
+    parts = [part for part in message.iter_parts() if part.get_content_disposition() == "form-data"] \
+        if message.is_multipart() else []
+    if len(parts) != 1:
+        raise BadRequest(f"a form upload must carry exactly one field with the image, got {len(parts)}: "
+                         "e.g. curl -F image=@shirt.png")
+    payload = parts[0].get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        raise BadRequest("the form field is not a file or text value")
+    return payload, parts[0].get_content_type() if parts[0].get("content-type") else None
 
 
 def model_input(pixels: np.ndarray) -> np.ndarray:

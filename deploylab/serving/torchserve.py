@@ -55,12 +55,16 @@ class ServeSizes:
     batch_size: int = 16  # dynamic batching: up to this many requests per inference call
     max_batch_delay_ms: int = 10  # ... waiting at most this long to fill a batch
     workers: int = 2  # Python worker processes per model (1 ONNX Runtime thread each: 2 cores)
+    overload_seconds: float = 5.0  # each run of the overload sweep (many clients, a short queue)
+    overload_concurrency: tuple[int, ...] = (16, 64, 200)  # clients of the overload sweep
+    overload_queue: int = 16  # job_queue_size of the overload sweep's server (the default server keeps 1,000)
 
 
 SIZES: dict[str, ServeSizes] = {
-    "smoke": ServeSizes(parity_images=256, load_requests=96, load_seconds=5.0, fault_seconds=15.0),
+    "smoke": ServeSizes(parity_images=256, load_requests=96, load_seconds=5.0, fault_seconds=15.0, overload_seconds=3.0),
     "workshop": ServeSizes(parity_images=2_000, load_requests=1_000, load_seconds=20.0, fault_seconds=30.0),
-    "full": ServeSizes(parity_images=None, load_requests=3_000, load_seconds=60.0, fault_seconds=60.0),
+    "full": ServeSizes(parity_images=None, load_requests=3_000, load_seconds=60.0, fault_seconds=60.0,
+                       overload_seconds=10.0),
 }
 
 
@@ -202,8 +206,24 @@ def archive_contents(mar: str | os.PathLike) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+# What TorchServe 0.12 answers without a key (measured by tests/test_torchserve_integration.py):
+# its API description (with its version) on the inference and management ports, and the metrics
+# endpoint. Token authorization covers /ping, /predictions and the management API only. Acceptable
+# on loopback, where only this machine's users reach the ports; never publish them beyond it.
+OPEN_ENDPOINTS: tuple[tuple[str, str, str], ...] = (
+    ("OPTIONS", "inference", "/"),
+    ("GET", "inference", "/api-description"),
+    ("OPTIONS", "management", "/"),
+    ("GET", "management", "/api-description"),
+    ("GET", "metrics", "/metrics"),
+)
+
+JOB_QUEUE_SIZE = 1000  # requests queued per model before TorchServe sheds them (its own default: 100)
+
+
 def config_properties(ports: dict[str, int], store: Path, *, max_request_size: int = 1 << 20,
-                      host: str = "127.0.0.1", extra: dict[str, str] | None = None) -> str:
+                      job_queue_size: int = JOB_QUEUE_SIZE, host: str = "127.0.0.1",
+                      extra: dict[str, str] | None = None) -> str:
     """A ``config.properties`` with secure defaults: loopback addresses, token auth and no model API.
 
     Token authorization and the model-management API are stated explicitly even where they are
@@ -225,10 +245,10 @@ def config_properties(ports: dict[str, int], store: Path, *, max_request_size: i
         "metrics_mode": "prometheus",
         "max_request_size": str(max_request_size),
         "default_response_timeout": "30",
-        # requests queued per model before TorchServe sheds them (default 100). Its 503 then says
-        # "Model ... has no worker ... use scale workers API" even though the workers exist: a queue of
-        # 1,000 keeps 200 concurrent clients answered (slower) instead of shed with that misleading text
-        "job_queue_size": "1000",
+        # requests queued per model before TorchServe sheds them (its default 100). Its 503 then says
+        # "Model ... has no worker ... use scale workers API" even though the workers exist, with no
+        # Retry-After: a queue of 1,000 keeps 200 concurrent clients answered (slower) instead (lesson 05)
+        "job_queue_size": str(job_queue_size),
         "install_py_dep_per_model": "false",
         "enable_envvars_config": "false",
         **(extra or {}),
@@ -245,7 +265,8 @@ class TorchServe:
     """
 
     def __init__(self, store: str | os.PathLike, models: dict[str, str], *, workdir: str | os.PathLike | None = None,
-                 token_auth: bool = True, start_timeout_s: float = 120.0, max_request_size: int = 1 << 20):
+                 token_auth: bool = True, start_timeout_s: float = 120.0, max_request_size: int = 1 << 20,
+                 job_queue_size: int = JOB_QUEUE_SIZE):
         self.store = Path(store)
         self.models = dict(models)  # name -> archive file name in store
         for mar in self.models.values():
@@ -255,6 +276,9 @@ class TorchServe:
         self.token_auth = token_auth
         self.start_timeout_s = start_timeout_s
         self.max_request_size = max_request_size
+        if job_queue_size < 1:
+            raise ValueError(f"job_queue_size must be >= 1, got {job_queue_size}")
+        self.job_queue_size = job_queue_size
         self.ports: dict[str, int] = {}
         self.process = ServerProcess("TorchServe", self.log_dir / "torchserve.stdout.log", secrets=[self.key_file])
 
@@ -293,7 +317,8 @@ class TorchServe:
         self.ports["worker_base"] = 20000 + (os.getpid() * 97 + p[0]) % 30000  # worker sockets: avoid other instances
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "tmp").mkdir(exist_ok=True)
-        self.config_file.write_text(config_properties(self.ports, self.store, max_request_size=self.max_request_size))
+        self.config_file.write_text(config_properties(self.ports, self.store, max_request_size=self.max_request_size,
+                                                        job_queue_size=self.job_queue_size))
         cmd = [_bin("torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(self.config_file),
                "--model-store", str(self.store), "--models", *[f"{n}={m}" for n, m in self.models.items()]]
         if not self.token_auth:
