@@ -56,6 +56,10 @@ def test_run_args_are_secure_by_default():
     published = [args[i + 1] for i, a in enumerate(args) if a == "--publish"]
     assert published and all(p.startswith("127.0.0.1:") for p in published)
     assert not any(p.endswith(":8081") for p in published), "the management API must not be published"
+    assert published == [f"127.0.0.1::{container.INFERENCE_PORT}"], "only inference: metrics answer without a key"
+    with_metrics = container.Container("img", publish_metrics=True).run_args()
+    assert [with_metrics[i + 1] for i, a in enumerate(with_metrics) if a == "--publish"] == [
+        f"127.0.0.1::{container.INFERENCE_PORT}", f"127.0.0.1::{container.METRICS_PORT}"]
     for flag in ("--read-only", "--init", "--memory", "--cap-drop", "no-new-privileges"):
         assert flag in args or flag in joined
     assert "/tmp:" in joined and f"{container.WORKDIR}:" in joined and f"uid={container.USER_ID}" in joined
@@ -84,7 +88,7 @@ def test_dockerfile_exposes_only_what_is_published_and_runs_as_non_root():
     text = (DOCKER / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE_IMAGE=debian:bookworm-slim$", text, re.M)
     exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
-    assert exposed == {container.INFERENCE_PORT, container.METRICS_PORT}
+    assert exposed == {container.INFERENCE_PORT}  # metrics answer without a key: not exposed
     users = re.findall(r"^USER (\S+)$", text, re.M)
     assert users and users[-1].split(":")[0] == str(container.USER_ID)
     assert "HEALTHCHECK" in text and "openjdk-17-jre-headless" in text

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from deploylab import config, data
-from deploylab.serving import container, corpus, docker_build, engine, processes, protocol, torchserve
+from deploylab.serving import api, container, corpus, docker_build, engine, processes, protocol, torchserve
 
 ENGINE = engine.ensure_engine()
 pytestmark = pytest.mark.skipif(ENGINE is not None, reason=f"no Docker engine can be started here: {ENGINE}")
@@ -81,9 +81,10 @@ def test_container_is_healthy_read_only_and_not_root(running):
     assert info["HostConfig"]["ReadonlyRootfs"] is True
     assert info["Config"]["User"].split(":")[0] == str(container.USER_ID)
     published = info["NetworkSettings"]["Ports"]
-    assert set(published) == {f"{container.INFERENCE_PORT}/tcp", f"{container.METRICS_PORT}/tcp"}
+    assert set(published) == {f"{container.INFERENCE_PORT}/tcp"}  # not the metrics port: it answers without a key
     assert all(b["HostIp"] == "127.0.0.1" for bindings in published.values() for b in bindings)
     assert running.exec("id", "-u").strip() == str(container.USER_ID)
+    assert api.parse_prometheus(running.scrape_metrics()), "no metrics inside the container"
     with pytest.raises(engine.ContainerError):
         running.exec("touch", "/app/written")  # read-only root filesystem
 
@@ -132,9 +133,8 @@ def test_compose_file_runs_the_image_with_its_limits(image, profile):
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.skip("docker-compose is not installed: apt-get install docker-compose (make setup does it as root)")
-    inference, metrics = processes.free_ports(2)
-    env = {**os.environ, "DEPLOYLAB_PROFILE": profile.name,
-           "DEPLOYLAB_INFERENCE_PORT": str(inference), "DEPLOYLAB_METRICS_PORT": str(metrics)}
+    inference = processes.free_ports(1)[0]
+    env = {**os.environ, "DEPLOYLAB_PROFILE": profile.name, "DEPLOYLAB_INFERENCE_PORT": str(inference)}
     cmd = [compose, "-p", f"deploylab-test-{os.getpid()}", "-f", str(config.ROOT / "docker" / "compose.yaml")]
 
     def run(*args: str) -> str:

@@ -119,7 +119,9 @@ class Container:
     image: str
     memory: str = "2g"
     read_only: bool = True
-    publish_metrics: bool = True
+    # the metrics port answers without a key (torchserve.OPEN_ENDPOINTS): not published unless asked for,
+    # e.g. for a Prometheus on the same host; another container on its network can scrape it unpublished
+    publish_metrics: bool = False
     name: str | None = None
     cid: str | None = None
     ports: dict[str, int] = field(default_factory=dict)
@@ -233,6 +235,13 @@ class Container:
     def exec(self, *cmd: str) -> str:
         """Run a command inside the container (as its user); returns stdout."""
         return docker("exec", self._id(), *cmd).stdout
+
+    def scrape_metrics(self) -> str:
+        """TorchServe's Prometheus text, read from inside the container, as a scraper on its network
+        would: the metrics port answers without a key, so it is not published by default."""
+        url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+        return self.exec("/opt/venv/bin/python", "-c",
+                         f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())")
 
     def remove(self) -> None:
         """``docker rm --force`` (SIGKILL: the filesystem is throw-away) and check it is gone."""
