@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from .. import data
@@ -166,6 +167,21 @@ def gray8(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("L"), dtype=np.uint8)  # a writable copy (torch warns about read-only arrays)
 
 
+def check_jpeg_data(raw: bytes) -> None:
+    """Refuse a JPEG whose data does not match its header (fewer pixels than it declares, a damaged scan).
+
+    libjpeg decodes such a file "successfully", filling what is missing with grey, and only warns
+    ("Corrupt JPEG data: premature end of data segment"); Pillow drops the warning, so the model
+    would answer a meaningless image with 200. simplejpeg's strict mode turns the warning into an error.
+    """
+    try:
+        simplejpeg.decode_jpeg(raw, colorspace="GRAY", strict=True)
+    except ValueError as e:
+        if "corrupt" in str(e).lower() or "premature" in str(e).lower():
+            raise BadRequest(f"corrupt JPEG: its data does not match its header ({str(e)[:100]})") from None
+        # anything else (a colour space libjpeg-turbo cannot convert, say): Pillow decoded it, keep that
+
+
 def pixels_from_image(raw: bytes, lim: dict[str, Any]) -> np.ndarray:
     """PNG/JPEG bytes as a uint8 grayscale (H, H) image; corrupt or truncated files are refused."""
     try:
@@ -174,6 +190,8 @@ def pixels_from_image(raw: bytes, lim: dict[str, Any]) -> np.ndarray:
                 raise BadRequest(f"unsupported image format {img.format}: send PNG or JPEG", 415)
             check_side((img.height, img.width), lim)  # before decoding: no decompression bombs
             img.load()  # raises on truncated or corrupt data
+            if img.format == "JPEG":
+                check_jpeg_data(raw)
             return gray8(img)
     except BadRequest:
         raise
