@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import json
 import os
 import secrets
@@ -45,7 +44,6 @@ import psutil
 import torch
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -53,6 +51,7 @@ from .. import config, export
 from . import protocol, serverless
 from .api import Client
 from .header_timeout import HEADER_TIMEOUT_S, header_timeout_protocol
+from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
 from .processes import ServeError, ServerProcess, free_ports
 from .protocol import BadRequest
 
@@ -88,8 +87,6 @@ def sizes(profile: "config.Profile") -> LessonSizes:
 MODES = ("batch", "function")
 MAX_QUEUE = 256  # inputs waiting for the model before new ones are shed with 503 (about 1 s of work on 2 cores)
 RETRY_AFTER_S = 1
-BODY_TIMEOUT_S = 10.0  # the whole body must arrive within this; uvicorn itself has no such timeout
-MAX_REQUEST_BYTES = 1 << 20  # the outer limit, as TorchServe's max_request_size; protocol.LIMITS is the inner one
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,46 +187,14 @@ class MicroBatcher:
 # --------------------------------------------------------------------------------------------
 
 
-def _error(code: int, message: str) -> Response:
-    return Response(BadRequest(message, code).body() if 400 <= code < 500 else json.dumps({"code": code, "message": message}),
-                    status_code=code, media_type="application/json")
-
-
-async def _read_body(request: Request, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` (before reading it all),
-    and with 408 when the client has not sent all of it within ``timeout_s`` (a body shorter than its
-    Content-Length, or one sent a byte at a time, would otherwise hold the connection forever)."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
-        raise BadRequest(f"request too large: {int(length):,} bytes, the server's limit is {limit:,}", 413)
-    chunks, n = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                n += len(chunk)
-                if n > limit:
-                    raise BadRequest(f"request too large: over {limit:,} bytes, the server's limit", 413)
-                chunks.append(chunk)
-    except TimeoutError:
-        raise BadRequest(f"the request body did not arrive within {timeout_s:.0f} s ({n:,} bytes so far)", 408) from None
-    except ClientDisconnect:
-        raise BadRequest("the client went away before sending the whole body") from None
-    return b"".join(chunks)
-
-
 def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", model_name: str = "student",
                max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, top_k: int = 3,
                max_request_bytes: int = MAX_REQUEST_BYTES, body_timeout_s: float = BODY_TIMEOUT_S) -> Starlette:
     """The Starlette app (see the module docstring). ``key`` is the bearer token every request must carry."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if len(key) < 16:
-        raise ValueError("the bearer key must be at least 16 characters (use secrets.token_urlsafe)")
-    expected = f"Bearer {key}".encode()
+    expected = expected_header(key)
     state: dict[str, Any] = {}
-
-    def authorized(request) -> bool:
-        return hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -249,25 +214,25 @@ def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", 
             state["executor"].shutdown(wait=False, cancel_futures=True)
 
     async def ping(request):
-        if not authorized(request):
-            return _error(401, "missing or wrong bearer token: send 'Authorization: Bearer <key from the key file>'")
+        if not authorized(request.headers, expected):
+            return error_response(401, UNAUTHORIZED)
         return JSONResponse({"status": "Healthy"})
 
     async def stats(request):
-        if not authorized(request):
-            return _error(401, "missing or wrong bearer token")
+        if not authorized(request.headers, expected):
+            return error_response(401, UNAUTHORIZED)
         b = state.get("batcher")
         return JSONResponse({"mode": mode, "pid": os.getpid(), "batch_sizes": dict(b.batch_sizes) if b else {},
                              "modules": sorted({m.split(".")[0] for m in sys.modules})})
 
     async def predict(request):
-        if not authorized(request):
-            return _error(401, "missing or wrong bearer token: send 'Authorization: Bearer <key from the key file>'")
+        if not authorized(request.headers, expected):
+            return error_response(401, UNAUTHORIZED)
         if request.path_params["model"] != model_name:
-            return _error(404, f"no model {request.path_params['model']!r}; this server serves {model_name!r}")
+            return error_response(404, f"no model {request.path_params['model']!r}; this server serves {model_name!r}")
         if mode == "function":
             try:
-                body = await _read_body(request, max_request_bytes, body_timeout_s)
+                body = await read_body(request, max_request_bytes, body_timeout_s)
             except BadRequest as e:
                 return Response(e.body(), status_code=e.code, media_type="application/json")
             event = serverless.event_from_body(body, request.headers.get("content-type"))
@@ -276,7 +241,7 @@ def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", 
         batcher = state["batcher"]
         batcher.arriving += 1
         try:
-            body = await _read_body(request, max_request_bytes, body_timeout_s)
+            body = await read_body(request, max_request_bytes, body_timeout_s)
             x = protocol.model_input(protocol.decode_http(body, request.headers.get("content-type")))
         except BadRequest as e:
             return Response(e.body(), status_code=e.code, media_type="application/json")
@@ -285,8 +250,7 @@ def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", 
         try:
             logits = await batcher.submit(x)
         except Overloaded as e:
-            return Response(json.dumps({"code": 503, "type": "ServiceUnavailable", "message": str(e)}), status_code=503,
-                            media_type="application/json", headers={"Retry-After": str(RETRY_AFTER_S)})
+            return error_response(503, str(e), {"Retry-After": str(RETRY_AFTER_S)})
         return JSONResponse(protocol.top_k(logits, top_k)[0])
 
     routes = [Route("/ping", ping, methods=["GET"]), Route("/stats", stats, methods=["GET"]),

@@ -4,7 +4,7 @@ uvicorn closes a connection that stays idle after a response (``timeout_keep_ali
 that is sending its request headers: a client that sends them one byte at a time (slowloris), or
 opens a connection and sends nothing, holds a connection -- and a file descriptor -- for as long as
 it likes. nginx calls the missing setting ``client_header_timeout``. The body has its own deadline
-in the app (``asgi.BODY_TIMEOUT_S``), where a 408 can still be sent.
+in the app (``http_input.BODY_TIMEOUT_S``), where a 408 can still be sent.
 
 :func:`header_timeout_protocol` returns uvicorn's h11 protocol with that deadline: from the moment a
 connection opens, or a response is complete and the next request may start, the request's headers
