@@ -1,0 +1,463 @@
+"""The student on Ray Serve: a real Ray cluster (one or two nodes on this machine), replicas, autoscaling.
+
+Lesson 08 runs the same ONNX model and the same HTTP door as the other servers on an existing
+distributed engine:
+
+- :class:`RayCluster` -- ``ray start --head`` (and ``ray start --address`` for a second node) as
+  separate processes, each in its own process group via :class:`~deploylab.serving.processes.ServerProcess`,
+  with a private temp dir, usage statistics and the dashboard off, every port on loopback;
+- :class:`Classifier` -- the Ray Serve deployment: the bearer check and the bounded body read of
+  :mod:`~deploylab.serving.http_input`, :func:`~deploylab.serving.protocol.decode_http` for every
+  input, then ``@serve.batch`` so that one ``session.run`` serves up to ``max_batch`` requests;
+- :class:`RayServeServer` -- a cluster plus the application behind Serve's HTTP proxy on 127.0.0.1,
+  speaking TorchServe's URLs (``GET /ping``, ``POST /predictions/student``) so that
+  :class:`~deploylab.serving.api.Client` and :func:`~deploylab.serving.load.load_run` drive it
+  unchanged; replica counts over time (``serve.status()``) and a replica killed under load.
+
+The bearer key never enters Ray's state: the replicas read it from the 0600 key file (on one machine)
+or from the ``DEPLOYLAB_INFERENCE_KEY`` environment variable (a Kubernetes Secret, see deploy/k8s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import ray
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .. import config
+from . import protocol
+from .api import Client
+from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
+from .load import LoadResult, load_run
+from .processes import ServeError, ServerProcess, free_ports
+
+APP_NAME = "classifier"
+DEPLOYMENT_NAME = "Classifier"
+KEY_ENV = "DEPLOYLAB_INFERENCE_KEY"
+# What every Ray process of the course gets: no usage statistics sent anywhere, one thread per
+# replica's ONNX Runtime, and autoscaling metrics pushed every 0.5 s (the default, 10 s, is too slow to see
+# scaling in a lesson).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+           "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+           "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
+
+
+def read_key(key_file: str | os.PathLike | None) -> str:
+    """The bearer key: from :data:`KEY_ENV` when set (a Kubernetes Secret), else from the JSON key file."""
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV]
+    if not key_file:
+        raise ServeError(f"no bearer key: set {KEY_ENV} or pass key_file")
+    return json.loads(Path(key_file).read_text())["inference"]["key"]
+
+
+# --------------------------------------------------------------------------------------------
+# The deployment
+# --------------------------------------------------------------------------------------------
+
+
+class Classifier:
+    """One Ray Serve replica: the shared HTTP door, then the model in batches (``@serve.batch``)."""
+
+    def __init__(self, model_path: str, key_file: str | None = None, model_name: str = "student", top_k: int = 3,
+                 max_request_bytes: int = MAX_REQUEST_BYTES, body_timeout_s: float = BODY_TIMEOUT_S):
+        from .. import export  # in the replica's process
+
+        self.expected = expected_header(read_key(key_file))
+        self.sess, _ = export.load_exported(model_path, threads=1)  # sha256 checked against the model card
+        self.input_name = self.sess.get_inputs()[0].name
+        self.model_name, self.top_k = model_name, top_k
+        self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
+
+    async def __call__(self, request: Request) -> Response:
+        if not authorized(request.headers, self.expected):  # before a byte of the body is read
+            return error_response(401, UNAUTHORIZED)
+        path = request.url.path.rstrip("/")
+        if path == "/ping" and request.method == "GET":
+            return JSONResponse({"status": "Healthy"})
+        if path != f"/predictions/{self.model_name}" or request.method != "POST":
+            return error_response(404, f"no route {request.method} {path}; this server serves POST /predictions/{self.model_name}")
+        try:
+            body = await read_body(request, self.max_request_bytes, self.body_timeout_s)
+            x = protocol.model_input(protocol.decode_http(body, request.headers.get("content-type")))
+        except protocol.BadRequest as e:
+            return Response(e.body(), status_code=e.code, media_type="application/json")
+        logits = await self.infer(x)  # only valid inputs reach a batch
+        return JSONResponse(protocol.top_k(logits[None, :], self.top_k)[0], headers={"X-Replica-Pid": str(os.getpid())})
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def infer(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        """One ``session.run`` for every input queued (up to 16, waiting at most 5 ms for more)."""
+        return list(self.sess.run(None, {self.input_name: np.concatenate(xs)})[0])
+
+
+def deployment(*, num_replicas: int | None = 1, autoscaling: dict[str, Any] | None = None, max_ongoing_requests: int = 32,
+               max_queued_requests: int = 256, replica_cpus: float = 0.5, max_replicas_per_node: int | None = None):
+    """The :class:`Classifier` as a Ray Serve deployment with the course's options.
+
+    ``max_ongoing_requests`` per replica (Serve's default, 5, would starve the batcher of 16);
+    beyond ``max_queued_requests`` waiting in the proxy, a 503 with ``Retry-After`` (load shed on
+    purpose); health checked every second, so that a dead replica is noticed at once.
+    """
+    options: dict[str, Any] = dict(name=DEPLOYMENT_NAME, max_ongoing_requests=max_ongoing_requests,
+                                   max_queued_requests=max_queued_requests, health_check_period_s=1.0,
+                                   health_check_timeout_s=5.0, graceful_shutdown_timeout_s=2.0,
+                                   ray_actor_options={"num_cpus": replica_cpus})
+    if autoscaling is not None:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = num_replicas
+    if max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = max_replicas_per_node
+    return serve.deployment(**options)(Classifier)
+
+
+def build_app(args: dict[str, Any]):
+    """The application builder for a Serve config file (``import_path: deploylab.serving.ray_serve:build_app``).
+
+    ``args``: ``model`` (the ONNX file with its card), optional ``key_file``; the key otherwise comes
+    from :data:`KEY_ENV`. Replica counts and autoscaling come from the config file's deployment options.
+    """
+    return deployment().bind(str(args["model"]), args.get("key_file"))
+
+
+# --------------------------------------------------------------------------------------------
+# The cluster
+# --------------------------------------------------------------------------------------------
+
+
+def _ray_command() -> str:
+    ray_bin = Path(sys.executable).with_name("ray")
+    return str(ray_bin) if ray_bin.exists() else shutil.which("ray") or "ray"
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def ray_processes(temp_dir: str | os.PathLike) -> list[psutil.Process]:
+    """Live processes whose command line names ``temp_dir``: what a cluster started there left running.
+
+    Ray's own ``ray stop`` kills by process name machine-wide; matching the private temp dir finds
+    this cluster's processes only (raylet, GCS, workers, agents).
+    """
+    mark, found = str(temp_dir), []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(mark in part for part in p.info["cmdline"] or ()) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+    return found
+
+
+class RayCluster:
+    """A Ray cluster of ``nodes`` nodes on this machine: each node ``ray start --block`` in its own process group.
+
+    ``cpus`` (default: the machine's cores) is split evenly over the nodes, so that two nodes on a
+    2-core machine are two 1-CPU nodes. The driver (this process) joins with ``ray.init(address=...)``.
+    """
+
+    def __init__(self, nodes: int = 1, cpus: int | None = None, *, start_timeout_s: float = 120.0):
+        if nodes < 1:
+            raise ValueError(f"need at least one node, got {nodes}")
+        self.nodes, self.cpus = nodes, cpus or os.cpu_count() or 1
+        if self.cpus < nodes:
+            raise ValueError(f"{nodes} nodes need at least {nodes} CPUs, got {self.cpus}")
+        self.start_timeout_s = start_timeout_s
+        self.temp_dir: Path | None = None  # short, under /tmp: Ray's socket paths must fit in 107 bytes
+        self.port: int | None = None
+        self.node_processes: list[ServerProcess] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _node_command(self, head: bool, cpus: int) -> list[str]:
+        cmd = [_ray_command(), "start", "--block", f"--num-cpus={cpus}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
+               "--disable-usage-stats"]
+        if head:
+            return cmd + ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
+                          "--dashboard-host=127.0.0.1", "--ray-client-server-port", str(free_ports(1)[0])]
+        # a second node on the same host needs its own dashboard-agent port (the default, 52365, is the head's)
+        agent, metrics = free_ports(2)
+        return cmd + [f"--address={self.address}", f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}"]
+
+    def start(self) -> "RayCluster":
+        """Start the head, then the other nodes; join as the driver; wait until every node is alive."""
+        if ray.is_initialized():
+            raise ServeError("this process is already connected to a Ray cluster: stop it first (ray.shutdown())")
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-dl-", dir="/tmp"))
+        self.port = free_ports(1)[0]
+        env = {**os.environ, **RAY_ENV}
+        share = [self.cpus // self.nodes] * self.nodes
+        share[0] += self.cpus - sum(share)
+        try:
+            for i, cpus in enumerate(share):
+                node = ServerProcess(f"Ray node {i} ({'head' if i == 0 else 'worker'})", self.temp_dir / f"node{i}.log")
+                self.node_processes.append(node)
+                node.launch(self._node_command(i == 0, cpus), cwd=config.ROOT, env=env)
+                if i == 0:
+                    node.wait_until(lambda: _port_open(self.port), self.start_timeout_s, poll_s=0.2)
+            ray.init(address=self.address, log_to_driver=False, logging_level="WARNING", configure_logging=True)
+            self.node_processes[0].wait_until(lambda: len(self.alive_nodes()) >= self.nodes, self.start_timeout_s, poll_s=0.2)
+        except BaseException:
+            self.stop()
+            raise
+        for node in self.node_processes:
+            node.remember()
+        return self
+
+    def alive_nodes(self) -> list[dict[str, Any]]:
+        """``ray.nodes()`` that are alive: id, address and CPUs of each."""
+        return [{"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "cpus": n["Resources"].get("CPU", 0.0),
+                 "head": "node:__internal_head__" in n["Resources"]}
+                for n in ray.nodes() if n["Alive"]]
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process of this cluster (found by its temp dir, and the nodes' process trees)."""
+        seen = {p.pid: p for node in self.node_processes for p in node.processes()}
+        if self.temp_dir is not None:
+            seen.update({p.pid: p for p in ray_processes(self.temp_dir)})
+        return sorted(seen.values(), key=lambda p: p.pid)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Disconnect the driver, stop worker nodes then the head; raises if any of the cluster's processes survives.
+
+        Serve's state is already gone (``serve.shutdown``) and a node holds nothing worth saving, so
+        whatever has not exited ``timeout_s`` after SIGTERM is killed (Ray's agents linger ~30 s).
+        """
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        leftovers = []
+        for node in reversed(self.node_processes):
+            try:
+                node.stop(timeout_s)
+            except ServeError as e:
+                leftovers.append(str(e))
+        if self.temp_dir is not None:
+            stragglers = ray_processes(self.temp_dir)
+            for p in stragglers:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            psutil.wait_procs(stragglers, timeout=10)
+            if ray_processes(self.temp_dir):
+                leftovers.append(f"processes under {self.temp_dir} survived: {[p.pid for p in ray_processes(self.temp_dir)]}")
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.node_processes = []
+        if leftovers:
+            raise ServeError("; ".join(leftovers))
+
+
+# --------------------------------------------------------------------------------------------
+# Serve on the cluster
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplicaFault:
+    """One replica killed during load: what failed and how long until Serve had replaced it."""
+
+    killed_pid: int
+    kill_at_s: float
+    replaced_s: float | None  # from the kill until as many replicas RUNNING as before, none the killed pid
+    failed_requests: int
+    wrong_answers: int  # 200 answers whose top-1 differs from in-process ONNX Runtime's
+    load: LoadResult = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"killed_pid": self.killed_pid, "kill_at_s": self.kill_at_s, "replaced_s": self.replaced_s,
+                "failed_requests": self.failed_requests, "wrong_answers": self.wrong_answers,
+                "requests": self.load.requests, "statuses": self.load.statuses, "images/s": self.load.throughput}
+
+
+class RayServeServer:
+    """A :class:`RayCluster` with the :class:`Classifier` application behind Serve's proxy on 127.0.0.1."""
+
+    def __init__(self, model_path: str | os.PathLike, *, nodes: int = 1, num_replicas: int = 1,
+                 autoscaling: dict[str, Any] | None = None, max_replicas_per_node: int | None = None,
+                 workdir: str | os.PathLike | None = None, start_timeout_s: float = 180.0):
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"no model file {self.model_path}")
+        self.cluster = RayCluster(nodes, start_timeout_s=start_timeout_s)
+        self.num_replicas, self.autoscaling, self.max_replicas_per_node = num_replicas, autoscaling, max_replicas_per_node
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="deploylab-ray-"))
+        self.start_timeout_s = start_timeout_s
+        self.port: int | None = None
+        self.ready_s: float | None = None
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "RayServeServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, port: int | None = None) -> "RayServeServer":
+        """Start the cluster, Serve's proxy on ``127.0.0.1:port`` and the application; wait for its replicas."""
+        from .asgi import write_key_file
+
+        self.port = port or free_ports(1)[0]
+        if _port_open(self.port):
+            raise ServeError(f"port {self.port} is already in use on 127.0.0.1: stop what listens there or choose another")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        write_key_file(self.key_file)
+        try:
+            self.cluster.start()
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's INFO lines, in a notebook
+            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": self.port},
+                        logging_config={"log_level": "WARNING", "enable_access_log": False})
+            app = deployment(num_replicas=self.num_replicas, autoscaling=self.autoscaling,
+                             max_replicas_per_node=self.max_replicas_per_node).bind(str(self.model_path), str(self.key_file))
+            serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING", "enable_access_log": False})
+            self.wait_for_replicas(self.autoscaling["min_replicas"] if self.autoscaling else self.num_replicas)
+            with self.client() as c:
+                self.cluster.node_processes[0].wait_until(lambda: _pings(c), 30)
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_s = time.perf_counter() - t0
+        return self
+
+    def key(self) -> str:
+        return read_key(self.key_file)
+
+    def client(self, timeout_s: float = 30.0, **kwargs: Any) -> Client:
+        """An authenticated :class:`~deploylab.serving.api.Client`, as for the other servers."""
+        return Client(self.url, self.url, self.url, inference_key=self.key(), management_key=self.key(), timeout_s=timeout_s, **kwargs)
+
+    def replica_states(self) -> dict[str, int]:
+        """Serve's own count of the deployment's replicas per state (public API: ``serve.status()``)."""
+        app = serve.status().applications.get(APP_NAME)
+        if app is None or DEPLOYMENT_NAME not in app.deployments:
+            return {}
+        return {str(getattr(k, "value", k)): int(v) for k, v in app.deployments[DEPLOYMENT_NAME].replica_states.items()}
+
+    def running(self) -> int:
+        return self.replica_states().get("RUNNING", 0)
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Each replica: state, pid and node. Serve's public status has counts only; this reads the controller's
+        details (``get_serve_details``, what ``serve status`` and the dashboard show), a private API."""
+        details = serve.context._get_global_client().get_serve_details()
+        deps = details.get("applications", {}).get(APP_NAME, {}).get("deployments", {})
+        return [{"state": r["state"], "pid": r.get("pid"), "node_id": r.get("node_id"), "node_ip": r.get("node_ip")}
+                for r in deps.get(DEPLOYMENT_NAME, {}).get("replicas", [])]
+
+    def wait_for_replicas(self, n: int, timeout_s: float | None = None, exclude_pid: int | None = None) -> float:
+        """Wait until ``n`` replicas are RUNNING (none of them ``exclude_pid``); returns the seconds waited."""
+        t0, deadline = time.perf_counter(), time.perf_counter() + (timeout_s or self.start_timeout_s)
+        while time.perf_counter() < deadline:
+            running = [r for r in self.replicas() if r["state"] == "RUNNING" and r["pid"] != exclude_pid]
+            if len(running) >= n:
+                return time.perf_counter() - t0
+            time.sleep(0.2)
+        raise ServeError(f"{n} replicas not RUNNING after {timeout_s or self.start_timeout_s:.0f} s: {self.replica_states()}; "
+                         f"logs under {self.cluster.temp_dir}/session_latest/logs/serve")
+
+    def processes(self) -> list[psutil.Process]:
+        return self.cluster.processes()
+
+    def kill_replica_under_load(self, bodies: list[bytes], reference_top1: np.ndarray, *, concurrency: int = 8,
+                                kill_after_s: float = 1.0, max_seconds: float = 30.0, settle_s: float = 1.0,
+                                progress: bool = True) -> ReplicaFault:
+        """SIGKILL one replica's process ``kill_after_s`` into a load run; time until Serve has replaced it.
+
+        ``bodies[i]`` is the PNG of an image whose in-process top-1 is ``reference_top1[i]``: every 200
+        answer is checked against it (a wrong answer would be worse than a failed one).
+        """
+        before = [r for r in self.replicas() if r["state"] == "RUNNING"]
+        if not before:
+            raise ServeError("no RUNNING replica to kill")
+        victim = int(before[0]["pid"])
+        if victim not in {p.pid for p in self.processes()}:
+            raise ServeError(f"replica pid {victim} is not a process of this cluster; refusing to kill it")
+        state: dict[str, float | None] = {"killed": None, "replaced": None}
+
+        def during(elapsed: float) -> bool:
+            if state["killed"] is None:
+                if elapsed >= kill_after_s:
+                    with contextlib.suppress(psutil.Error):
+                        psutil.Process(victim).kill()
+                    state["killed"] = elapsed
+            elif state["replaced"] is None:
+                with contextlib.suppress(Exception):
+                    if sum(r["state"] == "RUNNING" and r["pid"] != victim for r in self.replicas()) >= len(before):
+                        state["replaced"] = elapsed
+            return state["replaced"] is not None and elapsed >= state["replaced"] + settle_s
+
+        answers: list[tuple[int, int]] = []
+        with self.client() as c:
+            checked = _CheckingClient(c, bodies, reference_top1, answers)
+            load = load_run(checked, "student", bodies, concurrency=concurrency, requests=None, max_seconds=max_seconds,
+                            progress=progress, desc=f"Ray Serve x{concurrency}, one replica killed", during=during)
+        if state["killed"] is None:
+            raise ServeError(f"the load run ended before the replica was killed at {kill_after_s} s")
+        replaced = None if state["replaced"] is None else state["replaced"] - state["killed"]
+        wrong = sum(got != want for got, want in answers)
+        return ReplicaFault(victim, state["killed"], replaced, load.requests - load.ok, wrong, load)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Shut Serve down, stop the cluster; deletes the key; raises if a process survives."""
+        with contextlib.suppress(Exception):
+            if ray.is_initialized():
+                serve.shutdown()
+        try:
+            self.cluster.stop(timeout_s)
+        finally:
+            self.key_file.unlink(missing_ok=True)
+
+
+def _pings(client: Client) -> bool:
+    with contextlib.suppress(Exception):
+        client.ping()
+        return True
+    return False
+
+
+class _CheckingClient:
+    """Wraps a :class:`Client`: every 200 answer's top-1 is recorded with the expected one for its body."""
+
+    def __init__(self, client: Client, bodies: list[bytes], reference_top1: np.ndarray, answers: list[tuple[int, int]]):
+        self.client, self.answers = client, answers
+        self.expected = {id(b): int(t) for b, t in zip(bodies, reference_top1)}
+
+    def predict(self, model: str, body: bytes, content_type: str | None = None):
+        r = self.client.predict(model, body, content_type)
+        if r.status_code == 200:
+            self.answers.append((int(r.json()["predictions"][0]["index"]), self.expected[id(body)]))
+        return r
+
+
+def replica_timeline(server: RayServeServer, seconds: float, poll_s: float = 0.5) -> list[tuple[float, int]]:
+    """Poll ``serve.status()`` for ``seconds``: (time, RUNNING replicas) -- Serve's own state, for the plot."""
+    t0, points = time.perf_counter(), []
+    while (t := time.perf_counter() - t0) < seconds:
+        points.append((t, server.running()))
+        time.sleep(poll_s)
+    return points
