@@ -71,7 +71,7 @@ async def read_body(request, limit: int = MAX_REQUEST_BYTES, timeout_s: float = 
 def error_body(code: int, message: str) -> bytes:
     """The JSON body of an error answer: a 4xx is a :class:`BadRequest`, anything else the same shape."""
     if 400 <= code < 500:
-        return BadRequest(message, code).body()
+        return BadRequest(message, code).body().encode()
     kind = "ServiceUnavailable" if code == 503 else "ServerError"
     return json.dumps({"code": code, "type": kind, "message": message}).encode()
 
