@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
+TOOLS_VENV=${TOOLS_VENV:-.venv-tools}
 # the dataset; Java for TorchServe; the Docker engine and debootstrap for lesson 06 (a local base
 # image: no registry is reachable in the course's offline setting); Chromium for the JupyterLab UI test.
 DEBIAN_PACKAGES=(dataset-fashion-mnist openjdk-17-jre-headless docker.io docker-compose debootstrap chromium)
@@ -50,7 +51,22 @@ install_venv() {
   echo "$want" > "$stamp"
 }
 
+# checkov (lesson 08's manifest scan) pins packaging<24, which the course's lock cannot hold: it gets
+# a virtual environment of its own, pinned by requirements/tools-lock.txt.
+install_tools_venv() {
+  local stamp="$TOOLS_VENV/.deploylab-installed" want
+  want=$(cat requirements/tools.txt requirements/tools-lock.txt | sha256sum | cut -c1-16)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  [ -x "$TOOLS_VENV/bin/python" ] || "$PYTHON" -m venv "$TOOLS_VENV"
+  say "installing the manifest scanner (checkov) into $TOOLS_VENV"
+  "$TOOLS_VENV/bin/python" -m pip install -q --disable-pip-version-check -c requirements/tools-lock.txt -r requirements/tools.txt 2> >(grep -v "^WARNING: Location" >&2)
+  echo "$want" > "$stamp"
+}
+
 install_debian_packages
 install_venv
+install_tools_venv
 "$VENV/bin/deploylab" data
 say "ready: $VENV"

@@ -121,7 +121,7 @@ def deployment(*, num_replicas: int | None = 1, autoscaling: dict[str, Any] | No
                                    ray_actor_options={"num_cpus": replica_cpus})
     if autoscaling is not None:
         options["autoscaling_config"] = autoscaling
-    else:
+    elif num_replicas is not None:  # None: the config file's (build_app) or Serve's default
         options["num_replicas"] = num_replicas
     if max_replicas_per_node is not None:
         options["max_replicas_per_node"] = max_replicas_per_node
@@ -134,7 +134,7 @@ def build_app(args: dict[str, Any]):
     ``args``: ``model`` (the ONNX file with its card), optional ``key_file``; the key otherwise comes
     from :data:`KEY_ENV`. Replica counts and autoscaling come from the config file's deployment options.
     """
-    return deployment().bind(str(args["model"]), args.get("key_file"))
+    return deployment(num_replicas=None).bind(str(args["model"]), args.get("key_file"))
 
 
 # --------------------------------------------------------------------------------------------

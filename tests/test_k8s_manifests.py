@@ -1,0 +1,115 @@
+"""Lesson 08's Kubernetes manifests, validated offline (no cluster can run here):
+
+- kubernetes-validate against the schemas of a pinned Kubernetes version, strict (no unknown fields);
+- checkov's scan of the manifests and the Ray image's Dockerfile: no failed check (skips are inline, with a reason);
+- the KubeRay RayService, for which kubernetes-validate has no schema: the fields KubeRay's CRD requires,
+  and its serveConfigV2 through Ray Serve's own schema, importing the application builder it names;
+- the security settings the lesson promises, read from the Deployment itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploylab import config
+from deploylab.serving import docker_build
+
+K8S = config.ROOT / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.37"
+MANIFESTS = sorted(K8S.glob("*.yaml"))
+CHECKOV = config.ROOT / ".venv-tools" / "bin" / "checkov"
+
+
+def _documents(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def _kind(kind: str) -> dict:
+    found = [d for path in MANIFESTS for d in _documents(path.name) if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def test_manifests_pass_kubernetes_validate_strict():
+    assert MANIFESTS, f"no manifests under {K8S}"
+    exe = Path(sys.executable).with_name("kubernetes-validate")
+    done = subprocess.run([str(exe), "-k", KUBERNETES_VERSION, "--strict", *map(str, MANIFESTS)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    passed = done.stdout.count(" passed for resource ")
+    core = sum(d["kind"] != "RayService" for path in MANIFESTS for d in _documents(path.name))
+    assert passed == core, f"{passed} resources validated, {core} expected:\n{done.stdout}"
+
+
+def test_checkov_finds_no_failed_check():
+    if not CHECKOV.exists():
+        pytest.fail(f"{CHECKOV} is missing: run `make setup` (scripts/setup.sh installs checkov into .venv-tools)")
+    done = subprocess.run([str(CHECKOV), "-d", str(K8S), "--framework", "kubernetes", "dockerfile", "--output", "json",
+                           "--skip-download"], capture_output=True, text=True, timeout=600)
+    reports = json.loads(done.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    failed = [(c["check_id"], c["file_path"], c["resource"]) for r in reports for c in r["results"]["failed_checks"]]
+    assert not failed, f"checkov failed checks: {failed}"
+    passed = sum(r["summary"]["passed"] for r in reports)
+    assert passed > 50, f"checkov passed only {passed} checks: did it scan the manifests?"
+    skipped = [(c["check_id"], c["check_result"].get("suppress_comment", "").strip()) for r in reports
+               for c in r["results"]["skipped_checks"]]
+    assert all(len(reason) > 20 for _, reason in skipped), f"every skipped check carries its reason: {skipped}"
+
+
+def test_ray_image_dockerfile_passes_hadolint():
+    findings = [f for f in docker_build.hadolint(K8S / "ray.Dockerfile") if f["level"] in ("error", "warning")]
+    assert not findings, findings
+
+
+def test_deployment_is_locked_down():
+    dep = _kind("Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert set(c["resources"]["requests"]) == {"cpu", "memory"} and set(c["resources"]["limits"]) == {"cpu", "memory"}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["exec"]["command"][-1] == "/app/healthcheck.py", f"{probe} does not run the image's health check"
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts == {"/tmp", "/home/serve/run"}, "TorchServe's two writable places, as the tmpfs mounts of lesson 06"
+    hpa = _kind("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    svc = _kind("Service")
+    assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_rayservice_has_what_kuberay_requires_and_a_valid_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    rs = _kind("RayService")
+    assert rs["apiVersion"] == "ray.io/v1"
+    cluster = rs["spec"]["rayClusterConfig"]  # KubeRay's CRD: spec.required = [rayClusterConfig]
+    assert "template" in cluster["headGroupSpec"]
+    for group in cluster["workerGroupSpecs"]:
+        assert {"groupName", "minReplicas", "maxReplicas", "template"} <= set(group)
+    assert cluster["rayVersion"] == importlib.import_module("ray").__version__, "the RayService's Ray is the lock's"
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(rs["spec"]["serveConfigV2"]))
+    (app,) = serve_config.applications
+    module, _, name = app.import_path.partition(":")
+    assert callable(getattr(importlib.import_module(module), name)), f"{app.import_path} is not importable"
+    (dep,) = app.deployments
+    assert dep.autoscaling_config["min_replicas"] >= 1 and dep.autoscaling_config["max_replicas"] > 1
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        (c,) = pod["spec"]["containers"]
+        env = {e["name"]: e for e in c["env"]}
+        assert "secretKeyRef" in env["DEPLOYLAB_INFERENCE_KEY"]["valueFrom"], "the bearer key comes from a Secret"
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_no_secret_value_is_committed():
+    kinds = [d["kind"] for path in MANIFESTS for d in _documents(path.name)]
+    assert "Secret" not in kinds, "the Secret is created by the reader (namespace.yaml says how), never committed"
