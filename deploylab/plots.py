@@ -108,3 +108,27 @@ def strategies(rows: list[dict[str, Any]], concurrency: tuple[int, ...] = (1, 8,
         a.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def replica_timeline(points: list[tuple[float, int]], load_window: tuple[float, float], throughput: list[tuple[float, float]] | None = None,
+                     max_replicas: int | None = None) -> Figure:
+    """Lesson 08: RUNNING replicas over time (Ray Serve's own count, ``serve.status()``), the load window shaded.
+
+    ``throughput``: optional (time, answered requests per second) drawn on a second axis.
+    """
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ts, ns = zip(*points) if points else ((), ())
+    ax.step(ts, ns, where="post", color="tab:blue", label="RUNNING replicas (serve.status)")
+    ax.axvspan(*load_window, color="tab:orange", alpha=0.15, label="load: 32 concurrent clients")
+    if max_replicas:
+        ax.axhline(max_replicas, color="gray", ls=":", label=f"max_replicas={max_replicas}")
+    ax.set(xlabel="seconds", ylabel="replicas", ylim=(0, (max_replicas or max(ns or (1,))) + 0.5))
+    if throughput:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*throughput), color="tab:green", alpha=0.7, label="answers/s")
+        ax2.set_ylabel("answers/s")
+        ax2.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig

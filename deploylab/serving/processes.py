@@ -77,6 +77,16 @@ def rss_bytes(processes: Iterable[psutil.Process]) -> int:
     return total
 
 
+def cpu_seconds(processes: Iterable[psutil.Process]) -> float:
+    """User + system CPU time a set of processes has used so far (those that exited are not counted)."""
+    total = 0.0
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
 class ServerProcess:
     """One server command in its own process group, with its log file and the secrets it writes.
 

@@ -29,6 +29,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,38 @@ KEY_ENV = "DEPLOYLAB_INFERENCE_KEY"
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
            "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
+
+
+@dataclass(frozen=True)
+class ScaleOutSizes:
+    """Lesson-08 sizes per profile (the code path is the same in every profile)."""
+
+    parity_images: int  # real test images, served and compared with in-process ONNX Runtime
+    load_requests: int  # requests per load run (one run per server, replica count and concurrency)
+    load_seconds: float  # a load run stops after this long even if requests remain
+    rounds: int  # interleaved rounds of each comparison (1 replica, 2 replicas, 1, 2, ...)
+    autoscale_load_s: float  # how long the load that makes Serve scale up lasts
+    autoscale_quiet_s: float  # how long to watch for the scale-down after it
+    fault_seconds: float  # the longest the load run with a killed replica may last
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    max_replicas: int = 3  # the autoscaling maximum (0.5 CPU each: 3 fit on 2 cores with the proxy)
+    max_batch: int = 16  # @serve.batch, LitServe's max_batch_size and the custom server's micro-batch
+    max_wait_ms: float = 5.0
+
+
+SIZES: dict[str, ScaleOutSizes] = {
+    "smoke": ScaleOutSizes(parity_images=32, load_requests=96, load_seconds=3.0, rounds=1, autoscale_load_s=15.0,
+                           autoscale_quiet_s=20.0, fault_seconds=20.0, concurrency=(1, 32)),
+    "workshop": ScaleOutSizes(parity_images=500, load_requests=800, load_seconds=10.0, rounds=2, autoscale_load_s=25.0,
+                              autoscale_quiet_s=30.0, fault_seconds=30.0),
+    "full": ScaleOutSizes(parity_images=2_000, load_requests=3_000, load_seconds=20.0, rounds=2, autoscale_load_s=40.0,
+                          autoscale_quiet_s=40.0, fault_seconds=40.0),
+}
+
+
+def sizes(profile: "config.Profile") -> ScaleOutSizes:
+    """The lesson's sizes for ``profile``."""
+    return SIZES[profile.name]
 
 
 def read_key(key_file: str | os.PathLike | None) -> str:
@@ -125,7 +158,11 @@ def deployment(*, num_replicas: int | None = 1, autoscaling: dict[str, Any] | No
         options["num_replicas"] = num_replicas
     if max_replicas_per_node is not None:
         options["max_replicas_per_node"] = max_replicas_per_node
-    return serve.deployment(**options)(Classifier)
+    with warnings.catch_warnings():
+        # Serve compares look_back_period_s with the deprecated metrics_interval_s (10 s); the push interval that
+        # counts is RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S (RAY_ENV: 0.5 s)
+        warnings.filterwarnings("ignore", message=".*look_back_period_s.*metrics_interval_s", category=FutureWarning)
+        return serve.deployment(**options)(Classifier)
 
 
 def build_app(args: dict[str, Any]):
@@ -343,6 +380,41 @@ class RayServeServer:
             raise
         self.ready_s = time.perf_counter() - t0
         return self
+
+    def deploy(self, *, num_replicas: int = 1, autoscaling: dict[str, Any] | None = None,
+               max_replicas_per_node: int | None = None) -> float:
+        """(Re)deploy the application with these options on the running cluster; returns seconds until its replicas run.
+
+        Serve updates the deployment in place (new replicas start, surplus ones stop), so a lesson can
+        compare 1 and 2 replicas, or switch autoscaling on, without restarting the cluster.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*look_back_period_s.*metrics_interval_s", category=FutureWarning)
+            app = deployment(num_replicas=num_replicas, autoscaling=autoscaling,
+                             max_replicas_per_node=max_replicas_per_node).bind(str(self.model_path), str(self.key_file))
+            t0 = time.perf_counter()
+            serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING", "enable_access_log": False})
+        want = autoscaling["min_replicas"] if autoscaling else num_replicas
+        deadline = time.perf_counter() + self.start_timeout_s
+        while time.perf_counter() < deadline:  # exactly `want` running, none starting or stopping
+            states = self.replica_states()
+            if states.get("RUNNING", 0) == want and sum(states.values()) == want:
+                break
+            time.sleep(0.2)
+        else:
+            raise ServeError(f"the deployment did not settle at {want} replicas: {self.replica_states()}")
+        self.num_replicas, self.autoscaling = num_replicas, autoscaling
+        return time.perf_counter() - t0
+
+    def roles(self) -> dict[str, list[psutil.Process]]:
+        """The cluster's processes by what they do: Serve's HTTP proxy, the replicas, and Ray's own (GCS, raylets, agents)."""
+        out: dict[str, list[psutil.Process]] = {"proxy": [], "replicas": [], "ray system": []}
+        for p in self.processes():
+            with contextlib.suppress(psutil.Error):
+                name = p.name() + " " + " ".join(p.cmdline()[:1])
+                role = "proxy" if "ProxyActor" in name else "replicas" if "ServeReplica" in name else "ray system"
+                out[role].append(p)
+        return out
 
     def key(self) -> str:
         return read_key(self.key_file)
