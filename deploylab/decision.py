@@ -49,6 +49,9 @@ CATALOGUE: tuple[Entry, ...] = (
     Entry("served: TorchServe (lesson 07 run)", "served", (("end_to_end", "torchserve c1"),), ("end_to_end", "torchserve c32")),
     Entry("served: custom ASGI server", "served", (("end_to_end", "custom server c1"),), ("end_to_end", "custom server c32")),
     Entry("served: serverless function", "served", (("end_to_end", "serverless c1"),), ("end_to_end", "serverless c32")),
+    Entry("served: LitServe", "served", (("end_to_end", "litserve c1"),), ("end_to_end", "litserve c32")),
+    Entry("served: Ray Serve, 1 replica", "served", (("scale_out", "ray serve, 1 replica(s) c1"),),
+          ("scale_out", "ray serve, 1 replica(s) c32")),
 )
 
 COLUMNS = ("variant", "kind", "accuracy", "p50 ms b1", "p50 ms b32", "images/s", "size MB", "source")

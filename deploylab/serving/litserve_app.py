@@ -71,6 +71,9 @@ class HttpDoor:
             return await _send_json(send, 401, error_body(401, UNAUTHORIZED))
         if scope["path"] == "/ping" and scope["method"] == "GET":
             return await self._ping(scope, receive, send)
+        if scope["path"] == "/stats" and scope["method"] == "GET":  # as the custom server's: what this process imported
+            stats = {"pid": os.getpid(), "modules": sorted({m.split(".")[0] for m in sys.modules})}
+            return await _send_json(send, 200, json.dumps(stats).encode())
         if scope["path"] != self.path or scope["method"] != "POST":
             return await _send_json(send, 404, error_body(404, f"no route {scope['method']} {scope['path']}; "
                                                               f"this server serves POST {self.path}"))
