@@ -281,21 +281,27 @@ def write_key_file(path: str | os.PathLike) -> str:
     return key
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m deploylab.serving.asgi --model student_fp32.onnx --port 8080 --key-file key.json``"""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def server_arguments(description: str) -> argparse.ArgumentParser:
+    """The command-line options every Python server of the course shares (model, port, key file, batching, timeouts)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", required=True, help="ONNX file with its .card.json next to it")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1", help="loopback only: put a TLS proxy in front to publish it")
     p.add_argument("--key-file", required=True, help="where to write the generated bearer key (0600)")
-    p.add_argument("--mode", choices=MODES, default="batch")
-    p.add_argument("--model-name", default="student")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     p.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S, help="a request body must arrive within this (408)")
     p.add_argument("--header-timeout-s", type=float, default=HEADER_TIMEOUT_S,
                    help="a request's headers must arrive within this, else the connection is closed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m deploylab.serving.asgi --model student_fp32.onnx --port 8080 --key-file key.json``"""
+    p = server_arguments(__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=MODES, default="batch")
+    p.add_argument("--model-name", default="student")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     a = p.parse_args(argv)
     if a.host not in LOOPBACK:
         raise SystemExit(f"refusing to bind {a.host}: this server binds loopback only ({', '.join(LOOPBACK)})")

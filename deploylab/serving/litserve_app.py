@@ -29,8 +29,8 @@ import litserve as ls
 import numpy as np
 
 from . import protocol
-from .asgi import LOOPBACK, MAX_QUEUE, RETRY_AFTER_S, AsgiServer, write_key_file
-from .header_timeout import HEADER_TIMEOUT_S, header_timeout_protocol
+from .asgi import LOOPBACK, MAX_QUEUE, RETRY_AFTER_S, AsgiServer, server_arguments, write_key_file
+from .header_timeout import header_timeout_protocol
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_body, expected_header, read_chunks
 
 MODEL_NAME = "student"
@@ -152,18 +152,10 @@ class StudentAPI(ls.LitAPI):
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m deploylab.serving.litserve_app --model student_fp32.onnx --port 8080 --key-file key.json``"""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="ONNX file with its .card.json next to it")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--host", default="127.0.0.1", help="loopback only: put a TLS proxy in front to publish it")
-    p.add_argument("--key-file", required=True, help="where to write the generated bearer key (0600)")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p = server_arguments(__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=1, help="inference worker processes")
-    p.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S)
     p.add_argument("--fast-queue", action=argparse.BooleanOptionalAction, default=True,
                    help="ZeroMQ between API server and workers (LitServe's default is multiprocessing manager queues)")
-    p.add_argument("--header-timeout-s", type=float, default=HEADER_TIMEOUT_S)
     a = p.parse_args(argv)
     if a.host not in LOOPBACK or a.host == "localhost":
         raise SystemExit(f"refusing to bind {a.host}: this server binds 127.0.0.1 (or ::) only")

@@ -172,7 +172,25 @@ def fault_run(server: HasProcesses, client: Client, model: str, bodies: Sequence
     victim = before[0]
     if victim not in {p.pid for p in server.processes()}:
         raise ServeError(f"worker pid {victim} is not a child of this TorchServe; refusing to kill it")
-    state: dict[str, Any] = {"killed": None, "recovered": None}
+    killed_at, recovered, load = kill_under_load(
+        client, model, bodies, victim,
+        lambda: sum(w.get("status") == "READY" and w.get("pid") != victim
+                    for w in client.describe(model).get("workers", [])) >= n_before,
+        concurrency=concurrency, max_seconds=max_seconds, kill_after_s=kill_after_s, settle_s=settle_s, progress=progress,
+        desc=f"{model} x{concurrency}, one worker killed")
+    return FaultResult(victim, killed_at, recovered, load.requests - load.ok, load)
+
+
+def kill_under_load(client: Any, model: str, bodies: Sequence[bytes], victim: int, recovered: Callable[[], bool], *,
+                    concurrency: int, max_seconds: float, kill_after_s: float = 1.0, settle_s: float = 1.0,
+                    progress: bool = True, desc: str | None = None) -> tuple[float, float | None, LoadResult]:
+    """SIGKILL process ``victim`` ``kill_after_s`` into a load run, then poll ``recovered()`` until it is true.
+
+    Returns (kill time, seconds from the kill until recovered -- None if never --, the load run). The
+    run goes on meanwhile and stops ``settle_s`` after recovery, or after ``max_seconds``. ``client``
+    is anything with :meth:`Client.predict`.
+    """
+    state: dict[str, float | None] = {"killed": None, "recovered": None}
 
     def during(elapsed: float) -> bool:
         if state["killed"] is None:
@@ -182,17 +200,16 @@ def fault_run(server: HasProcesses, client: Client, model: str, bodies: Sequence
                 state["killed"] = elapsed
         elif state["recovered"] is None:
             with contextlib.suppress(Exception):
-                workers = client.describe(model).get("workers", [])
-                if sum(w.get("status") == "READY" and w.get("pid") != victim for w in workers) >= n_before:
+                if recovered():
                     state["recovered"] = elapsed
         return state["recovered"] is not None and elapsed >= state["recovered"] + settle_s
 
     load = load_run(client, model, bodies, concurrency=concurrency, requests=None, max_seconds=max_seconds,
-                    progress=progress, desc=f"{model} x{concurrency}, one worker killed", during=during)
+                    progress=progress, desc=desc, during=during)
     if state["killed"] is None:
-        raise ServeError(f"the load run ended before the worker was killed at {kill_after_s} s")
-    recovered = None if state["recovered"] is None else state["recovered"] - state["killed"]
-    return FaultResult(victim, state["killed"], recovered, load.requests - load.ok, load)
+        raise ServeError(f"the load run ended before pid {victim} was killed at {kill_after_s} s")
+    after = None if state["recovered"] is None else state["recovered"] - state["killed"]
+    return state["killed"], after, load
 
 
 def inprocess_throughput(onnx_path: str | os.PathLike, images: np.ndarray, profile: Profile,

@@ -45,7 +45,7 @@ from .. import config
 from . import protocol
 from .api import Client
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
-from .load import LoadResult, load_run
+from .load import LoadResult, kill_under_load
 from .processes import ServeError, ServerProcess, free_ports
 
 APP_NAME = "classifier"
@@ -470,30 +470,15 @@ class RayServeServer:
         victim = int(before[0]["pid"])
         if victim not in {p.pid for p in self.processes()}:
             raise ServeError(f"replica pid {victim} is not a process of this cluster; refusing to kill it")
-        state: dict[str, float | None] = {"killed": None, "replaced": None}
-
-        def during(elapsed: float) -> bool:
-            if state["killed"] is None:
-                if elapsed >= kill_after_s:
-                    with contextlib.suppress(psutil.Error):
-                        psutil.Process(victim).kill()
-                    state["killed"] = elapsed
-            elif state["replaced"] is None:
-                with contextlib.suppress(Exception):
-                    if sum(r["state"] == "RUNNING" and r["pid"] != victim for r in self.replicas()) >= len(before):
-                        state["replaced"] = elapsed
-            return state["replaced"] is not None and elapsed >= state["replaced"] + settle_s
-
         answers: list[tuple[int, int]] = []
         with self.client() as c:
-            checked = _CheckingClient(c, bodies, reference_top1, answers)
-            load = load_run(checked, "student", bodies, concurrency=concurrency, requests=None, max_seconds=max_seconds,
-                            progress=progress, desc=f"Ray Serve x{concurrency}, one replica killed", during=during)
-        if state["killed"] is None:
-            raise ServeError(f"the load run ended before the replica was killed at {kill_after_s} s")
-        replaced = None if state["replaced"] is None else state["replaced"] - state["killed"]
+            killed_at, replaced, load = kill_under_load(
+                _CheckingClient(c, bodies, reference_top1, answers), "student", bodies, victim,
+                lambda: sum(r["state"] == "RUNNING" and r["pid"] != victim for r in self.replicas()) >= len(before),
+                concurrency=concurrency, max_seconds=max_seconds, kill_after_s=kill_after_s, settle_s=settle_s,
+                progress=progress, desc=f"Ray Serve x{concurrency}, one replica killed")
         wrong = sum(got != want for got, want in answers)
-        return ReplicaFault(victim, state["killed"], replaced, load.requests - load.ok, wrong, load)
+        return ReplicaFault(victim, killed_at, replaced, load.requests - load.ok, wrong, load)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Shut Serve down, stop the cluster; deletes the key; raises if a process survives."""
