@@ -91,6 +91,16 @@ def test_a_port_in_use_is_a_clear_error(onnx_path):
         assert server.cluster.temp_dir is None, "the cluster was started although the port was taken"
 
 
+def test_litserve_refuses_a_port_in_use(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"port {port} is already in use"):
+            litserve_app.main(["--model", "x.onnx", "--port", str(port), "--key-file", str(tmp_path / "k.json")])
+    assert not (tmp_path / "k.json").exists(), "no key is written for a server that cannot start"
+
+
 def test_litserve_door_refuses_non_loopback_hosts():
     with pytest.raises(SystemExit, match="refusing to bind"):
         litserve_app.main(["--model", "x.onnx", "--port", "1", "--key-file", "k", "--host", "0.0.0.0"])
