@@ -92,6 +92,12 @@ def sizes(profile: "config.Profile") -> ScaleOutSizes:
     return SIZES[profile.name]
 
 
+# Serve checks look_back_period_s against the deprecated metrics_interval_s (default 10 s) every time it reads an
+# autoscaling config (serve.run, serve.status, ...); the push interval that counts is
+# RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S (RAY_ENV: 0.5 s), so the warning is wrong here.
+warnings.filterwarnings("ignore", message=".*look_back_period_s.*metrics_interval_s", category=FutureWarning)
+
+
 def read_key(key_file: str | os.PathLike | None) -> str:
     """The bearer key: from :data:`KEY_ENV` when set (a Kubernetes Secret), else from the JSON key file."""
     if os.environ.get(KEY_ENV):
@@ -159,11 +165,7 @@ def deployment(*, num_replicas: int | None = 1, autoscaling: dict[str, Any] | No
         options["num_replicas"] = num_replicas
     if max_replicas_per_node is not None:
         options["max_replicas_per_node"] = max_replicas_per_node
-    with warnings.catch_warnings():
-        # Serve compares look_back_period_s with the deprecated metrics_interval_s (10 s); the push interval that
-        # counts is RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S (RAY_ENV: 0.5 s)
-        warnings.filterwarnings("ignore", message=".*look_back_period_s.*metrics_interval_s", category=FutureWarning)
-        return serve.deployment(**options)(Classifier)
+    return serve.deployment(**options)(Classifier)
 
 
 def build_app(args: dict[str, Any]):
@@ -389,12 +391,10 @@ class RayServeServer:
         Serve updates the deployment in place (new replicas start, surplus ones stop), so a lesson can
         compare 1 and 2 replicas, or switch autoscaling on, without restarting the cluster.
         """
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*look_back_period_s.*metrics_interval_s", category=FutureWarning)
-            app = deployment(num_replicas=num_replicas, autoscaling=autoscaling,
-                             max_replicas_per_node=max_replicas_per_node).bind(str(self.model_path), str(self.key_file))
-            t0 = time.perf_counter()
-            serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING", "enable_access_log": False})
+        app = deployment(num_replicas=num_replicas, autoscaling=autoscaling,
+                         max_replicas_per_node=max_replicas_per_node).bind(str(self.model_path), str(self.key_file))
+        t0 = time.perf_counter()
+        serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING", "enable_access_log": False})
         want = autoscaling["min_replicas"] if autoscaling else num_replicas
         deadline = time.perf_counter() + self.start_timeout_s
         while time.perf_counter() < deadline:  # exactly `want` running, none starting or stopping
