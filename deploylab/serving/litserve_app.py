@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from . import protocol
 from .asgi import LOOPBACK, MAX_QUEUE, RETRY_AFTER_S, AsgiServer, server_arguments, write_key_file
 from .header_timeout import header_timeout_protocol
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_body, expected_header, read_chunks
+from .processes import port_in_use
 
 MODEL_NAME = "student"
 
@@ -151,14 +151,6 @@ class StudentAPI(ls.LitAPI):
         return protocol.top_k(logits[None, :], self.top_k)[0]
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """Something listens on ``host:port`` already (a TCP connect succeeds)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
 def main(argv: list[str] | None = None) -> None:
     """``python -m deploylab.serving.litserve_app --model student_fp32.onnx --port 8080 --key-file key.json``"""
     p = server_arguments(__doc__.splitlines()[0])
@@ -168,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.host not in LOOPBACK or a.host == "localhost":
         raise SystemExit(f"refusing to bind {a.host}: this server binds 127.0.0.1 (or ::) only")
-    if port_in_use(a.host, a.port):  # LitServe would start its workers first and then fail with a traceback
+    if port_in_use(a.port, a.host):  # LitServe would start its workers first and then fail with a traceback
         raise SystemExit(f"port {a.port} is already in use on {a.host}: stop what listens there or choose another --port")
     key = write_key_file(a.key_file)
     try:

@@ -47,6 +47,14 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Something listens on ``host:port`` already (a TCP connect succeeds): a server would fail to bind it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
 # Every server started from this process: anything with stop().
 _RUNNING: "weakref.WeakSet[Any]" = weakref.WeakSet()
 

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ from . import protocol
 from .api import Client
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
 from .load import LoadResult, kill_under_load
-from .processes import ServeError, ServerProcess, free_ports
+from .processes import ServeError, ServerProcess, free_ports, port_in_use
 
 APP_NAME = "classifier"
 DEPLOYMENT_NAME = "Classifier"
@@ -187,12 +186,6 @@ def _ray_command() -> str:
     return str(ray_bin) if ray_bin.exists() else shutil.which("ray") or "ray"
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def ray_processes(temp_dir: str | os.PathLike) -> list[psutil.Process]:
     """Live processes whose command line names ``temp_dir``: what a cluster started there left running.
 
@@ -254,7 +247,7 @@ class RayCluster:
                 self.node_processes.append(node)
                 node.launch(self._node_command(i == 0, cpus), cwd=config.ROOT, env=env)
                 if i == 0:
-                    node.wait_until(lambda: _port_open(self.port), self.start_timeout_s, poll_s=0.2)
+                    node.wait_until(lambda: port_in_use(self.port), self.start_timeout_s, poll_s=0.2)
             ray.init(address=self.address, log_to_driver=False, logging_level="WARNING", configure_logging=True)
             self.node_processes[0].wait_until(lambda: len(self.alive_nodes()) >= self.nodes, self.start_timeout_s, poll_s=0.2)
         except BaseException:
@@ -362,7 +355,7 @@ class RayServeServer:
         from .asgi import write_key_file
 
         self.port = port or free_ports(1)[0]
-        if _port_open(self.port):
+        if port_in_use(self.port):
             raise ServeError(f"port {self.port} is already in use on 127.0.0.1: stop what listens there or choose another")
         self.workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
