@@ -504,11 +504,3 @@ class _CheckingClient:
             self.answers.append((int(r.json()["predictions"][0]["index"]), self.expected[id(body)]))
         return r
 
-
-def replica_timeline(server: RayServeServer, seconds: float, poll_s: float = 0.5) -> list[tuple[float, int]]:
-    """Poll ``serve.status()`` for ``seconds``: (time, RUNNING replicas) -- Serve's own state, for the plot."""
-    t0, points = time.perf_counter(), []
-    while (t := time.perf_counter() - t0) < seconds:
-        points.append((t, server.running()))
-        time.sleep(poll_s)
-    return points
