@@ -50,6 +50,7 @@ from .processes import ServeError, ServerProcess, free_ports, port_in_use
 APP_NAME = "classifier"
 DEPLOYMENT_NAME = "Classifier"
 KEY_ENV = "DEPLOYLAB_INFERENCE_KEY"
+SERVE_LOGGING = {"log_level": "WARNING", "enable_access_log": False}  # Serve's controller, proxy and replicas
 # What every Ray process of the course gets: no usage statistics sent anywhere, one thread per
 # replica's ONNX Runtime, and autoscaling metrics pushed every 0.5 s (the default, 10 s, is too slow to see
 # scaling in a lesson).
@@ -364,11 +365,9 @@ class RayServeServer:
             self.cluster.start()
             logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's INFO lines, in a notebook
             serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": self.port},
-                        logging_config={"log_level": "WARNING", "enable_access_log": False})
-            app = deployment(num_replicas=self.num_replicas, autoscaling=self.autoscaling,
-                             max_replicas_per_node=self.max_replicas_per_node).bind(str(self.model_path), str(self.key_file))
-            serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING", "enable_access_log": False})
-            self.wait_for_replicas(self.autoscaling["min_replicas"] if self.autoscaling else self.num_replicas)
+                        logging_config=SERVE_LOGGING)
+            self.deploy(num_replicas=self.num_replicas, autoscaling=self.autoscaling,
+                        max_replicas_per_node=self.max_replicas_per_node)
             with self.client() as c:
                 self.cluster.node_processes[0].wait_until(lambda: _pings(c), 30)
         except BaseException:
@@ -387,7 +386,7 @@ class RayServeServer:
         app = deployment(num_replicas=num_replicas, autoscaling=autoscaling,
                          max_replicas_per_node=max_replicas_per_node).bind(str(self.model_path), str(self.key_file))
         t0 = time.perf_counter()
-        serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING", "enable_access_log": False})
+        serve.run(app, name=APP_NAME, route_prefix="/", logging_config=SERVE_LOGGING)
         want = autoscaling["min_replicas"] if autoscaling else num_replicas
         deadline = time.perf_counter() + self.start_timeout_s
         while time.perf_counter() < deadline:  # exactly `want` running, none starting or stopping
@@ -434,17 +433,6 @@ class RayServeServer:
         deps = details.get("applications", {}).get(APP_NAME, {}).get("deployments", {})
         return [{"state": r["state"], "pid": r.get("pid"), "node_id": r.get("node_id"), "node_ip": r.get("node_ip")}
                 for r in deps.get(DEPLOYMENT_NAME, {}).get("replicas", [])]
-
-    def wait_for_replicas(self, n: int, timeout_s: float | None = None, exclude_pid: int | None = None) -> float:
-        """Wait until ``n`` replicas are RUNNING (none of them ``exclude_pid``); returns the seconds waited."""
-        t0, deadline = time.perf_counter(), time.perf_counter() + (timeout_s or self.start_timeout_s)
-        while time.perf_counter() < deadline:
-            running = [r for r in self.replicas() if r["state"] == "RUNNING" and r["pid"] != exclude_pid]
-            if len(running) >= n:
-                return time.perf_counter() - t0
-            time.sleep(0.2)
-        raise ServeError(f"{n} replicas not RUNNING after {timeout_s or self.start_timeout_s:.0f} s: {self.replica_states()}; "
-                         f"logs under {self.cluster.temp_dir}/session_latest/logs/serve")
 
     def processes(self) -> list[psutil.Process]:
         return self.cluster.processes()
