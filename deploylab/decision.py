@@ -15,22 +15,30 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .config import Profile
+from .config import Profile, get_profile
+from .data import split_size
 from .results import read_results
+
+# The whole Fashion-MNIST test set (10,000 images): what every accuracy of `workshop` and `full` is measured on.
+TEST_SET_IMAGES = split_size("test")
 
 
 @dataclass(frozen=True)
 class Entry:
     """One variant of the course: its label and the records (lesson, variant) that describe it.
 
-    ``sources`` are tried in order (the first present wins). A served variant has a ``throughput_source``
-    too: latency comes from its run at concurrency 1, throughput from its run at concurrency 32.
+    ``sources`` are tried in order (the first present wins). A served variant is measured at several
+    concurrencies, and a server can have several configurations (TorchServe with and without dynamic
+    batching, the custom server in one or two processes) of which none wins everywhere; so it takes
+    the best configuration at each concurrency: its latency (one request at concurrency 1) from the
+    present ``sources`` record with the lowest p50, its throughput from the present
+    ``throughput_sources`` record (concurrency 32) with the most images/s.
     """
 
     label: str
     kind: str  # pytorch | onnxruntime | served
     sources: tuple[tuple[str, str], ...]
-    throughput_source: tuple[str, str] | None = None
+    throughput_sources: tuple[tuple[str, str], ...] = ()
 
 
 CATALOGUE: tuple[Entry, ...] = (
@@ -45,16 +53,24 @@ CATALOGUE: tuple[Entry, ...] = (
     Entry("teacher ONNX INT8", "onnxruntime", (("onnx", "teacher ort int8"),)),
     Entry("student ONNX fp32", "onnxruntime", (("onnx", "student ort fp32"),)),
     Entry("student ONNX INT8", "onnxruntime", (("onnx", "student ort int8"),)),
-    Entry("served: TorchServe", "served", (("torchserve", "student c1"),), ("torchserve", "student c32")),
-    Entry("served: TorchServe (lesson 07 run)", "served", (("end_to_end", "torchserve c1"),), ("end_to_end", "torchserve c32")),
-    Entry("served: custom ASGI server", "served", (("end_to_end", "custom server c1"),), ("end_to_end", "custom server c32")),
-    Entry("served: serverless function", "served", (("end_to_end", "serverless c1"),), ("end_to_end", "serverless c32")),
-    Entry("served: LitServe", "served", (("end_to_end", "litserve c1"),), ("end_to_end", "litserve c32")),
+    Entry("served: TorchServe", "served", (("torchserve", "student_b1 c1"), ("torchserve", "student c1")),
+          (("torchserve", "student c32"), ("torchserve", "student_b1 c32"))),
+    Entry("served: TorchServe (lesson 07 run)", "served",
+          (("end_to_end", "torchserve, no batching c1"), ("end_to_end", "torchserve c1")),
+          (("end_to_end", "torchserve c32"), ("end_to_end", "torchserve, no batching c32"))),
+    Entry("served: custom ASGI server", "served",
+          (("end_to_end", "custom server c1"), ("end_to_end", "custom server, 2 processes c1")),
+          (("end_to_end", "custom server c32"), ("end_to_end", "custom server, 2 processes c32"))),
+    Entry("served: serverless function", "served", (("end_to_end", "serverless c1"),), (("end_to_end", "serverless c32"),)),
+    Entry("served: LitServe", "served", (("end_to_end", "litserve c1"),), (("end_to_end", "litserve c32"),)),
     Entry("served: Ray Serve, 1 replica", "served", (("scale_out", "ray serve, 1 replica(s) c1"),),
-          ("scale_out", "ray serve, 1 replica(s) c32")),
+          (("scale_out", "ray serve, 1 replica(s) c32"),)),
 )
 
-COLUMNS = ("variant", "kind", "accuracy", "p50 ms b1", "p50 ms b32", "images/s", "size MB", "source")
+# The row lessons 05-08 serve: `deployable.student_onnx` exports the shipped student (models/student.pt) to ONNX.
+DEPLOYED = "student ONNX fp32"
+
+COLUMNS = ("variant", "kind", "accuracy", "test images", "p50 ms b1", "p50 ms b32", "images/s", "size MB", "source")
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,7 @@ class Row:
     variant: str
     kind: str
     accuracy: float | None  # fraction
+    accuracy_images: int | None  # how many test images the accuracy was measured on (None: no accuracy)
     p50_ms_b1: float | None  # one image (a served variant: one request at concurrency 1)
     p50_ms_b32: float | None  # a batch of 32 (not defined for a served variant)
     images_per_s: float | None  # at batch 32, or served at concurrency 32
@@ -83,6 +100,7 @@ class Row:
 
         return {"variant": self.variant, "kind": self.kind,
                 "accuracy": "-" if self.accuracy is None else f"{100 * self.accuracy:.2f}%",
+                "test images": "-" if self.accuracy_images is None else f"{self.accuracy_images:,}",
                 "p50 ms b1": num(self.p50_ms_b1, ".2f"), "p50 ms b32": num(self.p50_ms_b32, ".2f"),
                 "images/s": num(self.images_per_s, ".0f"),
                 "size MB": "-" if self.size_bytes is None else f"{self.size_bytes / 1e6:.2f}", "source": self.source}
@@ -99,24 +117,43 @@ def _p50(record: dict[str, Any], batch: str) -> float | None:
     return (record.get("latency_ms", {}).get(batch) or {}).get("p50_ms")
 
 
+def accuracy_images(record: dict[str, Any]) -> int | None:
+    """How many test images ``record``'s accuracy was measured on: its ``accuracy_images``, else
+    ``parity_images`` (a served lesson's accuracy is over the images it sent through the server), else
+    ``test_images``, else the test-set size of its profile. None for a record without an accuracy, or
+    with no count and no profile to tell."""
+    if record.get("accuracy") is None:
+        return None
+    for key in ("accuracy_images", "parity_images", "test_images"):
+        if record.get(key) is not None:
+            return int(record[key])
+    if record.get("profile") is None:
+        return None
+    return get_profile(record["profile"]).test_images or TEST_SET_IMAGES
+
+
 def build_rows(records: Sequence[dict[str, Any]], catalogue: Sequence[Entry] = CATALOGUE) -> tuple[list[Row], list[str]]:
     """The decision rows present in ``records``, and the labels of the catalogue's variants that are missing
     (with the lesson file that would hold them)."""
     idx = _index(records)
     rows, missing = [], []
     for entry in catalogue:
-        key = next((k for k in entry.sources if k in idx), None)
-        if key is None:
+        present = [k for k in entry.sources if k in idx]
+        if not present:
             missing.append(f"{entry.label} (needs {' or '.join(f'{lesson}.json: {v!r}' for lesson, v in entry.sources)})")
             continue
-        rec = idx[key]
-        if entry.kind == "served":
-            thr_rec = idx.get(entry.throughput_source) if entry.throughput_source else None
-            thr = (thr_rec or {}).get("throughput", {}).get("1")
-            rows.append(Row(entry.label, entry.kind, rec.get("accuracy"), _p50(rec, "1"), None, thr, rec.get("size_bytes"),
-                            f"{key[0]}/{key[1]}" + (f" + {entry.throughput_source[1]}" if thr_rec else "")))
+        if entry.kind == "served":  # the best configuration at each concurrency (see Entry)
+            key = min(present, key=lambda k: _p50(idx[k], "1") if _p50(idx[k], "1") is not None else math.inf)
+            thr_keys = [k for k in entry.throughput_sources if k in idx]
+            thr_key = max(thr_keys, key=lambda k: idx[k].get("throughput", {}).get("1") or 0.0) if thr_keys else None
+            rec = idx[key]
+            thr = idx[thr_key].get("throughput", {}).get("1") if thr_key else None
+            rows.append(Row(entry.label, entry.kind, rec.get("accuracy"), accuracy_images(rec), _p50(rec, "1"), None, thr,
+                            rec.get("size_bytes"), f"{key[0]}/{key[1]}" + (f" + {thr_key[1]}" if thr_key else "")))
         else:
-            rows.append(Row(entry.label, entry.kind, rec.get("accuracy"), _p50(rec, "1"), _p50(rec, "32"),
+            key = present[0]
+            rec = idx[key]
+            rows.append(Row(entry.label, entry.kind, rec.get("accuracy"), accuracy_images(rec), _p50(rec, "1"), _p50(rec, "32"),
                             rec.get("throughput", {}).get("32"), rec.get("size_bytes"), f"{key[0]}/{key[1]}"))
     return rows, missing
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from . import assets, config, data, export
 from .config import Profile
 
+STUDENT = "student_scratch"  # the student the course deploys: trained on all labels, ahead of the distilled one (lesson 03)
+STUDENT_FILE = "models/student.pt"  # its shipped checkpoint (assets.student)
 LESSON04_NAME = "student_fp32.onnx"  # written by lesson 04
 OWN_NAME = "serve_student_fp32.onnx"
 

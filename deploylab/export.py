@@ -65,7 +65,7 @@ class ExportSizes:
 
 SIZES: dict[str, ExportSizes] = {
     "smoke": ExportSizes(student_eval_images=None, teacher_eval_images=128),
-    "workshop": ExportSizes(student_eval_images=None, teacher_eval_images=2_000),
+    "workshop": ExportSizes(student_eval_images=None, teacher_eval_images=None),
     "full": ExportSizes(student_eval_images=None, teacher_eval_images=None),
 }
 

@@ -221,3 +221,42 @@ def test_a_connection_without_complete_headers_is_closed_within_the_header_timeo
     assert 1.5 < waited < 5, f"closed after {waited:.1f} s; the server's header timeout is 2 s"
     assert httpx.get(f"{server.url}/ping", headers={"Authorization": f"Bearer {server.key()}"},
                      trust_env=False).status_code == 200  # and the server still answers
+
+
+def test_one_process_per_core_shares_one_socket_and_reports_every_worker(onnx_path):
+    """``processes=2``: two workers on one loopback socket, each with its own model; parity on real images,
+    tokens still required, a load run answered, each worker's statistics after stop, nothing left running."""
+    import psutil
+
+    images, _ = data.raw_split("test", 64)
+    sess, _ = export.load_exported(onnx_path, threads=1)
+    reference = onnxrt.run(sess, data.preprocess(images)).argmax(1)
+    bodies = [protocol.png_bytes(im) for im in images]
+    s = asgi.AsgiServer(onnx_path, mode="batch", processes=2).start()
+    try:
+        procs = s.processes()
+        assert len(list(s.stats_dir.glob("ready-*"))) == 2 and len(procs) >= 3  # the supervisor + 2 workers
+        listening = [c for p in procs for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+        assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"} and {c.laddr.port for c in listening} == {s.port}
+        assert httpx.post(f"{s.url}/predictions/student", content=bodies[0], trust_env=False).status_code == 401
+        with s.client() as c:
+            par = load.served_parity(c, "student", images, reference, concurrency=8, progress=False)
+            run = load.load_run(c, "student", bodies, concurrency=16, requests=128, max_seconds=20, progress=False)
+    finally:
+        s.stop()
+    assert par["agreement"] == 1.0 and run.ok == 128
+    merged = s.final_stats()
+    assert len(merged["pids"]) == 2 and set(merged["pids"]) <= {p.pid for p in procs}
+    assert sum(k * v for k, v in merged["batch_sizes"].items()) >= 64 + 128 and "onnxruntime" in merged["modules"]
+    assert not [p.pid for p in procs if p.is_running() and p.status() != "zombie"]
+    assert not s.key_file.exists()
+
+
+def test_a_missing_worker_statistics_file_is_an_error_not_a_partial_count(onnx_path, tmp_path):
+    s = asgi.AsgiServer(onnx_path, processes=2, workdir=tmp_path)
+    s.stats_dir.mkdir()
+    (s.stats_dir / "worker-1.json").write_text(json.dumps({"pid": 1, "batch_sizes": {"1": 3}, "modules": []}))
+    with pytest.raises(asgi.ServeError, match="1 of 2 worker statistics"):
+        s.final_stats()
+    with pytest.raises(ValueError, match="processes"):
+        asgi.AsgiServer(onnx_path, processes=0)

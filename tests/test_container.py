@@ -131,3 +131,12 @@ def test_sizes_and_targets():
     for name in config.PROFILES:
         s = container.sizes(config.get_profile(name))
         assert s.healthy_timeout_s > container.TARGETS.healthy_s
+
+
+def test_lock_versions_are_the_lock_files_pins():
+    """Lesson 06 compares the image's versions with these: they must be read from the lock, not typed."""
+    pins = dict(line.split("==", 1) for line in docker_build.LOCK_FILE.read_text().splitlines() if "==" in line)
+    got = docker_build.lock_versions()
+    assert set(got) == {"torch", "onnxruntime", "torchserve", "numpy"} and all(got[p] == pins[p] for p in got)
+    with pytest.raises(engine.ContainerError, match="no-such-package"):
+        docker_build.lock_versions(("torch", "no-such-package"))

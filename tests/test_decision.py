@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from deploylab import decision
+from deploylab import config, decision
 
 
 def _rec(lesson, variant, acc, b1=None, b32=None, thr32=None, size=1_000_000, thr1=None):
@@ -47,6 +47,40 @@ def test_rows_from_records_and_missing_variants_named():
     assert len(rows) + len(missing) == len(decision.CATALOGUE)
 
 
+def test_a_served_variant_takes_the_best_configuration_at_each_concurrency():
+    """TorchServe without batching answers one request faster, with batching it serves more under load:
+    the row takes the no-batching p50 at concurrency 1 and the batching images/s at 32, and says so."""
+    recs = [_rec("torchserve", "student c1", 0.90, b1=14.0, thr1=70.0), _rec("torchserve", "student c32", 0.90, b1=50.0, thr1=550.0),
+            _rec("torchserve", "student_b1 c1", 0.90, b1=3.0, thr1=260.0), _rec("torchserve", "student_b1 c32", 0.90, b1=65.0, thr1=440.0)]
+    row = {r.variant: r for r in decision.build_rows(recs)[0]}["served: TorchServe"]
+    assert (row.p50_ms_b1, row.images_per_s) == (3.0, 550.0)
+    assert row.source == "torchserve/student_b1 c1 + student c32"
+    only_batched = {r.variant: r for r in decision.build_rows(recs[:2])[0]}["served: TorchServe"]
+    assert (only_batched.p50_ms_b1, only_batched.images_per_s) == (14.0, 550.0)
+
+
+def test_accuracy_images_from_the_record_or_its_profile():
+    served = {**_rec("torchserve", "student c1", 0.90, b1=12.0, thr1=80.0), "parity_images": 500, "profile": "workshop"}
+    full = {**_rec("baseline", "teacher", 0.93, b1=10.0, b32=50.0, thr32=640.0), "profile": "full"}  # no count
+    no_acc = {**_rec("onnx", "student ort fp32", None, b1=0.5, b32=4.7, thr32=6800.0), "profile": "full", "test_images": 10_000}
+    rows, _ = decision.build_rows([served, full, no_acc])
+    by = {r.variant: r for r in rows}
+    assert by["served: TorchServe"].accuracy_images == 500
+    assert by["teacher fp32 (ResNet50)"].accuracy_images == 10_000 == decision.TEST_SET_IMAGES
+    assert by["student ONNX fp32"].accuracy_images is None
+    assert by["served: TorchServe"].display()["test images"] == "500"
+    assert by["teacher fp32 (ResNet50)"].display()["test images"] == "10,000"
+    assert by["student ONNX fp32"].display()["test images"] == "-"
+    # the order: accuracy_images, parity_images, test_images, then the profile's size (smoke: 512)
+    rec = {"accuracy": 0.5, "profile": "smoke"}
+    assert decision.accuracy_images(rec) == config.PROFILES["smoke"].test_images == 512
+    assert decision.accuracy_images({**rec, "test_images": 2000}) == 2000
+    assert decision.accuracy_images({**rec, "test_images": 2000, "parity_images": 300}) == 300
+    assert decision.accuracy_images({**rec, "test_images": 2000, "parity_images": 300, "accuracy_images": 7}) == 7
+    assert decision.accuracy_images({"accuracy": 0.5}) is None  # no count and no profile: unknown
+    assert "test images" in decision.COLUMNS and decision.DEPLOYED in {e.label for e in decision.CATALOGUE}
+
+
 def test_pareto_front_simple_cases():
     # (latency, accuracy): lower latency and higher accuracy win
     pts = [(1.0, 0.80), (2.0, 0.90), (3.0, 0.85), (0.5, 0.70), (2.0, 0.90)]
@@ -80,8 +114,6 @@ def test_qualifying_filter():
 
 
 def test_markdown_and_load_from_profile_folder(tmp_dirs):
-    from deploylab import config
-
     folder = config.results_dir("smoke")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "onnx.json").write_text(json.dumps([r for r in RECORDS if r["lesson"] == "onnx"]))
@@ -89,7 +121,7 @@ def test_markdown_and_load_from_profile_folder(tmp_dirs):
     assert {r.variant for r in rows} == {"student ONNX fp32", "student ONNX INT8"}
     assert len(missing) == len(decision.CATALOGUE) - 2
     md = decision.markdown(rows)
-    assert md.count("\n") == 3 and "| student ONNX INT8 | onnxruntime | 89.00% |" in md
+    assert md.count("\n") == 3 and "| student ONNX INT8 | onnxruntime | 89.00% | - | 0.40 |" in md  # no count, no profile
 
 
 def test_widget_updates_with_controls():

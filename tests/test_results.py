@@ -43,7 +43,7 @@ def test_readme_table_is_generated_between_markers(tmp_dirs):
     results.write_results("baseline", [record("teacher")], "smoke")
     report.update_readme(config.PROFILES["smoke"], readme)
     text = readme.read_text()
-    assert "| baseline | teacher |" in text and "old" not in text and text.endswith("tail\n")
+    assert "| teacher fp32 (ResNet50) | pytorch | 90.00% | 512 |" in text and "old" not in text and text.endswith("tail\n")
     assert (tmp_dirs / "results" / "smoke" / "accuracy_vs_latency.png").stat().st_size > 1000
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):

@@ -142,6 +142,15 @@ def test_model_management_api_is_off_and_addresses_are_loopback(server, client):
         assert f"{key}=http://127.0.0.1:" in text
 
 
+def test_roles_name_the_frontend_and_every_worker(server, client):
+    """Lesson 05 accounts CPU time to these roles: one Java frontend, a worker per configured worker, the launcher."""
+    roles = server.roles()
+    workers = {w["pid"] for m in (MODEL, PT_MODEL) for w in client.describe(m)["workers"]}
+    assert [p.name() for p in roles["frontend"]] == ["java"]
+    assert {p.pid for p in roles["workers"]} == workers and len(workers) >= 2
+    assert sum(len(ps) for ps in roles.values()) == len(server.processes())
+
+
 def test_stop_leaves_no_process(server):
     """Runs last: stops the module's server and checks that nothing of it is left."""
     procs = server.processes()

@@ -18,6 +18,10 @@ a key file readable by its owner only (0600), as TorchServe's ``key_file.json``.
 
 :class:`AsgiServer` starts the app as a subprocess in its own process group and stops it leaving
 nothing behind (also at interpreter exit), through :class:`deploylab.serving.processes.ServerProcess`.
+With ``processes=N`` it runs N worker processes on one socket (uvicorn's ``--workers``: a supervisor
+that restarts a worker that dies), each with its own event loop, ONNX Runtime session and
+micro-batcher -- one process per core, so that HTTP parsing and PNG decoding are no longer bound to
+one GIL. The workers read the bearer key from the key file the supervisor wrote.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -48,6 +53,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import config, export
+from ..files import atomic_write_json
 from . import protocol, serverless
 from .api import Client
 from .header_timeout import HEADER_TIMEOUT_S, header_timeout_protocol
@@ -62,20 +68,21 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 class LessonSizes:
     """Lesson-07 sizes per profile (the code path is the same in every profile)."""
 
-    parity_images: int  # real test images sent to every server and compared with in-process ONNX Runtime
+    parity_images: int | None  # real test images sent to every server and compared with ONNX Runtime (None: all 10,000)
     load_requests: int  # requests per load run (one run per server and concurrency)
     load_seconds: float  # a load run stops after this long even if requests remain
     cold_repeats: int  # fresh processes for the serverless cold start
     concurrency: tuple[int, ...] = (1, 8, 32)
     max_batch: int = 16  # micro-batching of the custom server, and TorchServe's batchSize
     max_wait_ms: float = 5.0
-    workers: int = 2  # TorchServe's Python workers (1 ONNX Runtime thread each)
+    workers: int = 2  # TorchServe's Python workers (1 ONNX Runtime thread each), and the custom server's processes
+    rounds: int = 3  # interleaved rounds of the custom-server-vs-TorchServe comparison (odd: the median is a run)
 
 
 SIZES: dict[str, LessonSizes] = {
-    "smoke": LessonSizes(parity_images=64, load_requests=96, load_seconds=4.0, cold_repeats=3),
-    "workshop": LessonSizes(parity_images=500, load_requests=800, load_seconds=10.0, cold_repeats=5),
-    "full": LessonSizes(parity_images=2_000, load_requests=3_000, load_seconds=30.0, cold_repeats=10),
+    "smoke": LessonSizes(parity_images=64, load_requests=96, load_seconds=4.0, cold_repeats=3, rounds=1),
+    "workshop": LessonSizes(parity_images=None, load_requests=800, load_seconds=10.0, cold_repeats=5),
+    "full": LessonSizes(parity_images=None, load_requests=3_000, load_seconds=30.0, cold_repeats=10),
 }
 
 
@@ -189,8 +196,15 @@ class MicroBatcher:
 
 def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", model_name: str = "student",
                max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, top_k: int = 3,
-               max_request_bytes: int = MAX_REQUEST_BYTES, body_timeout_s: float = BODY_TIMEOUT_S) -> Starlette:
-    """The Starlette app (see the module docstring). ``key`` is the bearer token every request must carry."""
+               max_request_bytes: int = MAX_REQUEST_BYTES, body_timeout_s: float = BODY_TIMEOUT_S,
+               stats_dir: str | os.PathLike | None = None) -> Starlette:
+    """The Starlette app (see the module docstring). ``key`` is the bearer token every request must carry.
+
+    With ``stats_dir``, the process writes its statistics (:func:`worker_stats`) to
+    ``stats_dir/worker-<pid>.json`` when it shuts down (and ``ready-<pid>`` once its model is loaded):
+    with several worker processes, ``/stats`` answers for whichever worker took the connection, the
+    files for all of them.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     expected = expected_header(key)
@@ -207,11 +221,21 @@ def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", 
             serverless.configure(model_path, threads=threads)
             serverless.model()  # a warm instance: the cold start is measured separately (serverless.cold_start)
             state["executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="function")
+        if stats_dir is not None:
+            (Path(stats_dir) / f"ready-{os.getpid()}").touch()  # this process has its model: AsgiServer counts these
         yield
         if mode == "batch":
             await state["batcher"].stop()
         else:
             state["executor"].shutdown(wait=False, cancel_futures=True)
+        if stats_dir is not None:
+            atomic_write_json(Path(stats_dir) / f"worker-{os.getpid()}.json", worker_stats())
+
+    def worker_stats() -> dict[str, Any]:
+        """This process: its mode and pid, the batch sizes its micro-batcher formed, the top-level modules imported."""
+        b = state.get("batcher")
+        return {"mode": mode, "pid": os.getpid(), "batch_sizes": dict(b.batch_sizes) if b else {},
+                "modules": sorted({m.split(".")[0] for m in sys.modules})}
 
     async def ping(request):
         if not authorized(request.headers, expected):
@@ -221,9 +245,7 @@ def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", 
     async def stats(request):
         if not authorized(request.headers, expected):
             return error_response(401, UNAUTHORIZED)
-        b = state.get("batcher")
-        return JSONResponse({"mode": mode, "pid": os.getpid(), "batch_sizes": dict(b.batch_sizes) if b else {},
-                             "modules": sorted({m.split(".")[0] for m in sys.modules})})
+        return JSONResponse(worker_stats())
 
     async def predict(request):
         if not authorized(request.headers, expected):
@@ -296,22 +318,59 @@ def server_arguments(description: str) -> argparse.ArgumentParser:
     return p
 
 
+WORKER_ENV = "DEPLOYLAB_ASGI_WORKER"  # the settings a worker process reads (JSON), set by the supervisor
+
+
+def app_from_environment() -> Starlette:
+    """The app of one worker process of ``--processes N`` (uvicorn's factory, called in each worker).
+
+    The settings come from :data:`WORKER_ENV`; the key is read from the key file the supervisor
+    wrote, so it never appears in a command line or an environment variable.
+    """
+    torch.set_num_threads(1)
+    settings = json.loads(os.environ[WORKER_ENV])
+    settings.pop("header_timeout_s")  # for WorkerProtocol, not the app
+    key = json.loads(Path(settings.pop("key_file")).read_text())["inference"]["key"]
+    return create_app(key=key, **settings)
+
+
+def _worker_protocol() -> type:
+    """The header-timeout h11 protocol with the worker's timeout (uvicorn imports this name in each worker)."""
+    return header_timeout_protocol(float(json.loads(os.environ.get(WORKER_ENV, "{}")).get("header_timeout_s", HEADER_TIMEOUT_S)))
+
+
+def __getattr__(name: str) -> Any:  # ``deploylab.serving.asgi:WorkerProtocol`` for uvicorn's ``http=`` in a worker
+    if name == "WorkerProtocol":
+        return _worker_protocol()
+    raise AttributeError(name)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m deploylab.serving.asgi --model student_fp32.onnx --port 8080 --key-file key.json``"""
+    """``python -m deploylab.serving.asgi --model student_fp32.onnx --port 8080 --key-file key.json [--processes 2]``"""
     p = server_arguments(__doc__.splitlines()[0])
     p.add_argument("--mode", choices=MODES, default="batch")
     p.add_argument("--model-name", default="student")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (per process)")
+    p.add_argument("--processes", type=int, default=1, help="worker processes on the one socket (one per core)")
+    p.add_argument("--stats-dir", help="each process writes its statistics here when it stops")
     a = p.parse_args(argv)
     if a.host not in LOOPBACK:
         raise SystemExit(f"refusing to bind {a.host}: this server binds loopback only ({', '.join(LOOPBACK)})")
+    if a.processes < 1:
+        raise SystemExit(f"--processes must be >= 1, got {a.processes}")
     torch.set_num_threads(1)  # data.preprocess of one image: no thread pool fighting ONNX Runtime for the cores
     key = write_key_file(a.key_file)
-    app = create_app(a.model, key=key, mode=a.mode, model_name=a.model_name, max_batch=a.max_batch,
-                     max_wait_ms=a.max_wait_ms, threads=a.threads, body_timeout_s=a.body_timeout_s)
+    settings = dict(model_path=a.model, mode=a.mode, model_name=a.model_name, max_batch=a.max_batch,
+                    max_wait_ms=a.max_wait_ms, threads=a.threads, body_timeout_s=a.body_timeout_s, stats_dir=a.stats_dir)
     try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False, workers=1,
-                    http=header_timeout_protocol(a.header_timeout_s))
+        if a.processes == 1:
+            uvicorn.run(create_app(key=key, **settings), host=a.host, port=a.port, log_level="warning", access_log=False,
+                        workers=1, http=header_timeout_protocol(a.header_timeout_s))
+        else:  # uvicorn's supervisor spawns the workers: they build the app from WORKER_ENV
+            os.environ[WORKER_ENV] = json.dumps({**settings, "key_file": a.key_file, "header_timeout_s": a.header_timeout_s})
+            uvicorn.run("deploylab.serving.asgi:app_from_environment", factory=True, host=a.host, port=a.port,
+                        log_level="warning", access_log=False, workers=a.processes,
+                        http="deploylab.serving.asgi:WorkerProtocol")
     finally:
         Path(a.key_file).unlink(missing_ok=True)  # the key dies with the server
 
@@ -325,11 +384,14 @@ class AsgiServer:
     """The app of this module as a subprocess in its own process group (a context manager)."""
 
     def __init__(self, model_path: str | os.PathLike, *, mode: str = "batch", model_name: str = "student",
-                 max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, workdir: str | os.PathLike | None = None,
-                 start_timeout_s: float = 60.0, body_timeout_s: float = BODY_TIMEOUT_S,
-                 header_timeout_s: float = HEADER_TIMEOUT_S):
+                 max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, processes: int = 1,
+                 workdir: str | os.PathLike | None = None, start_timeout_s: float = 60.0,
+                 body_timeout_s: float = BODY_TIMEOUT_S, header_timeout_s: float = HEADER_TIMEOUT_S):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        self.processes_count = processes
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"no model file {self.model_path}")
@@ -351,6 +413,10 @@ class AsgiServer:
         return self.workdir / "server.log"
 
     @property
+    def stats_dir(self) -> Path:
+        return self.workdir / "stats"
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -364,7 +430,8 @@ class AsgiServer:
         return [sys.executable, "-m", "deploylab.serving.asgi", "--model", str(self.model_path), "--port", str(self.port),
                 "--key-file", str(self.key_file), "--mode", self.mode, "--model-name", self.model_name,
                 "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms), "--threads", str(self.threads),
-                "--body-timeout-s", str(self.body_timeout_s), "--header-timeout-s", str(self.header_timeout_s)]
+                "--body-timeout-s", str(self.body_timeout_s), "--header-timeout-s", str(self.header_timeout_s),
+                "--processes", str(self.processes_count), "--stats-dir", str(self.stats_dir)]
 
     def start(self) -> "AsgiServer":
         """Launch the server, wait until /ping answers with the generated key; stop it again on any failure."""
@@ -372,6 +439,8 @@ class AsgiServer:
             raise ServeError("this server is already started")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.key_file.unlink(missing_ok=True)
+        shutil.rmtree(self.stats_dir, ignore_errors=True)
+        self.stats_dir.mkdir()
         self.port = free_ports(1)[0]
         t0 = time.perf_counter()
         self.process.launch(self.command(), cwd=config.ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -384,9 +453,11 @@ class AsgiServer:
         return self
 
     def _ready(self) -> bool:
-        """The key file is written and /ping answers 200 with it."""
+        """The key file is written, /ping answers 200 with it, and every worker process is up."""
         if not self.key_file.is_file():
             return False
+        if self.processes_count > 1 and len(list(self.stats_dir.glob("ready-*"))) < self.processes_count:
+            return False  # /ping may come from the first worker up: wait until every worker has loaded its model
         try:
             r = httpx.get(f"{self.url}/ping", headers={"Authorization": f"Bearer {self.key()}"}, timeout=2, trust_env=False)
         except (httpx.HTTPError, ValueError, KeyError):
@@ -402,7 +473,25 @@ class AsgiServer:
         return Client(self.url, self.url, self.url, inference_key=self.key(), management_key=self.key(), timeout_s=timeout_s, **kwargs)
 
     def stats(self) -> dict[str, Any]:
+        """``/stats`` of the worker that takes the connection (with several processes: one of them)."""
         return httpx.get(f"{self.url}/stats", headers={"Authorization": f"Bearer {self.key()}"}, trust_env=False).json()
+
+    def final_stats(self) -> dict[str, Any]:
+        """After :meth:`stop`: every worker's statistics, merged (batch sizes summed, modules united, pids listed).
+
+        Each worker writes its file when it shuts down; a missing one (a worker killed, not stopped)
+        is an error rather than a silently partial count.
+        """
+        files = sorted(self.stats_dir.glob("worker-*.json"))
+        if len(files) < self.processes_count:
+            raise ServeError(f"{len(files)} of {self.processes_count} worker statistics in {self.stats_dir}: "
+                             "was the server stopped with stop()?")
+        parts = [json.loads(f.read_text()) for f in files]
+        sizes: Counter = Counter()
+        for part in parts:
+            sizes.update({int(k): v for k, v in part["batch_sizes"].items()})
+        return {"mode": self.mode, "pids": [part["pid"] for part in parts], "batch_sizes": dict(sorted(sizes.items())),
+                "modules": sorted(set().union(*(part["modules"] for part in parts)))}
 
     def processes(self) -> list[psutil.Process]:
         """Live processes of this server (the uvicorn process and any child)."""

@@ -61,7 +61,7 @@ class DockerSizes:
 
 SIZES: dict[str, DockerSizes] = {
     "smoke": DockerSizes(parity_images=128),
-    "workshop": DockerSizes(parity_images=1_000),
+    "workshop": DockerSizes(parity_images=None),
     "full": DockerSizes(parity_images=None),
 }
 

@@ -146,6 +146,19 @@ def build_image(tag: str, *, build_args: dict[str, str] | None = None, log_path:
 
 
 
+LOCK_FILE = config.ROOT / "requirements" / "lock.txt"
+
+
+def lock_versions(packages: tuple[str, ...] = ("torch", "onnxruntime", "torchserve", "numpy")) -> dict[str, str]:
+    """The versions ``requirements/lock.txt`` pins for ``packages`` (the image installs the lock's versions
+    of everything but torch, whose CPU-only build it takes separately)."""
+    pins = dict(line.split("==", 1) for line in LOCK_FILE.read_text().splitlines() if "==" in line and not line.startswith("#"))
+    missing = [pkg for pkg in packages if pkg not in pins]
+    if missing:
+        raise ContainerError(f"{LOCK_FILE} pins no version of {missing}")
+    return {pkg: pins[pkg].strip() for pkg in packages}
+
+
 def image_versions(tag: str) -> dict[str, str]:
     """Versions inside the image (Python, torch, onnxruntime, torchserve, Java), and whether
     torchvision is absent (it must be: the image carries no training stack)."""

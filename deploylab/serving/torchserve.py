@@ -15,6 +15,7 @@ The handler itself is ``handlers/deploylab_handler.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -62,7 +63,7 @@ class ServeSizes:
 
 SIZES: dict[str, ServeSizes] = {
     "smoke": ServeSizes(parity_images=256, load_requests=96, load_seconds=5.0, fault_seconds=15.0, overload_seconds=3.0),
-    "workshop": ServeSizes(parity_images=2_000, load_requests=1_000, load_seconds=20.0, fault_seconds=30.0),
+    "workshop": ServeSizes(parity_images=None, load_requests=1_000, load_seconds=20.0, fault_seconds=30.0),
     "full": ServeSizes(parity_images=None, load_requests=3_000, load_seconds=60.0, fault_seconds=60.0,
                        overload_seconds=10.0),
 }
@@ -368,6 +369,17 @@ class TorchServe:
     def processes(self) -> list[psutil.Process]:
         """Live processes of this server: the launcher, the Java frontend and its Python workers."""
         return self.process.processes()
+
+    def roles(self) -> dict[str, list[psutil.Process]]:
+        """The live processes by role -- ``frontend`` (Java), ``workers`` (the Python model workers),
+        ``launcher`` (the ``torchserve`` script) -- to account CPU time to each (``processes.cpu_seconds``)."""
+        roles: dict[str, list[psutil.Process]] = {"frontend": [], "workers": [], "launcher": []}
+        for p in self.processes():
+            with contextlib.suppress(psutil.Error):
+                cmd = " ".join(p.cmdline())
+                role = "frontend" if p.name() == "java" else "workers" if "model_service_worker" in cmd else "launcher"
+                roles[role].append(p)
+        return roles
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM to the process group, SIGKILL after ``timeout_s``; raises if a process survives."""
