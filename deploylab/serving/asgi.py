@@ -334,15 +334,9 @@ def app_from_environment() -> Starlette:
     return create_app(key=key, **settings)
 
 
-def _worker_protocol() -> type:
-    """The header-timeout h11 protocol with the worker's timeout (uvicorn imports this name in each worker)."""
-    return header_timeout_protocol(float(json.loads(os.environ.get(WORKER_ENV, "{}")).get("header_timeout_s", HEADER_TIMEOUT_S)))
-
-
-def __getattr__(name: str) -> Any:  # ``deploylab.serving.asgi:WorkerProtocol`` for uvicorn's ``http=`` in a worker
-    if name == "WorkerProtocol":
-        return _worker_protocol()
-    raise AttributeError(name)
+# uvicorn's ``http=`` for the workers of ``--processes N``: each worker imports this module with
+# WORKER_ENV already set by the supervisor, so the class carries the worker's header timeout.
+WorkerProtocol = header_timeout_protocol(float(json.loads(os.environ.get(WORKER_ENV, "{}")).get("header_timeout_s", HEADER_TIMEOUT_S)))
 
 
 def main(argv: list[str] | None = None) -> None:
