@@ -304,24 +304,34 @@ def _resumed_steps(role: str, profile: Profile, n_train: int) -> int:
     return epoch * math.ceil(n_train / recipe_for(role, profile).batch_size)
 
 
-def logits(role: str, split: str = "test", profile: Profile | str | None = None, *, limit: int | None = -1) -> torch.Tensor:
+VIEWS = ("original", "hflip")  # the views of an image whose logits can be cached
+
+
+def logits(role: str, split: str = "test", profile: Profile | str | None = None, *, limit: int | None = -1,
+           view: str = "original") -> torch.Tensor:
     """fp32 logits of ``role``'s checkpoint on ``split``, cached next to the checkpoint.
 
     ResNet50 at 32x32 takes minutes for 10,000 images on 2 CPU cores, and later lessons need the
     fp32 teacher's predictions as a baseline (or as soft targets); this computes them once per
     checkpoint. ``limit=-1`` means the profile's size for the split (test: ``test_images``,
     train: ``train_images``); the cache key includes the checkpoint's sha256, so a new checkpoint
-    never reuses old logits.
+    never reuses old logits. ``view="hflip"`` gives the logits of the horizontally flipped images
+    (the distillation lesson trains its students on both views).
     """
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
     profile = config.get_profile(profile)
     if limit == -1:
         limit = {"test": profile.test_images, "train": profile.train_images, "val": None}[split]
     asset = load_or_build(role, profile, build=False)
-    key = f"{role}.{split}.{limit or 'all'}.{asset.meta['sha256'][:16]}.logits.pt"
+    suffix = "" if view == "original" else f".{view}"  # the original view keeps its earlier cache name
+    key = f"{role}.{split}.{limit or 'all'}{suffix}.{asset.meta['sha256'][:16]}.logits.pt"
     path = config.artefacts_dir(profile) / "cache" / key
     if path.is_file():
         return torch.load(path, weights_only=True)
     x, _ = data.tensors(split, limit)
+    if view == "hflip":
+        x = x.flip(3)
     out = predict(asset.model, x, device=config.device())  # the GPU where there is one: 55,000 images on a CPU take long
     with atomic_path(path) as tmp:
         torch.save(out, tmp)

@@ -33,34 +33,39 @@ from .config import Profile
 class DistillSizes:
     """How much the distillation lesson trains in one profile.
 
-    The distilled student with all labels uses the prepared student's recipe
-    (``assets.recipe_for("student", profile)``), so that it differs from the scratch student
-    only in its loss.
+    Every student of the lesson is trained by the notebook's own loop for ``epochs`` epochs over
+    the profile's training images (the scratch students of the few-label setting: as many
+    optimiser steps on their labelled images, :func:`matched_epochs`), with horizontal flips --
+    the two views whose teacher logits are cached.
     """
 
-    label_fraction: float  # the "few labels" setting: fraction of training images that keep their label
-    few_label_epochs: int  # epochs of the distilled student in the few-label setting (all images)
-    seeds: tuple[int, ...]  # seeds of the few-label comparison (>= 2, to see the spread)
+    labels_per_class: tuple[int, ...]  # the few-label settings (smallest first): labelled images per class
+    epochs: int  # epochs over all training images of each distilled student (and the all-label pair)
+    seeds: tuple[int, ...]  # seeds of the few-label comparison (labelled subset and initialisation)
     sweep_temperatures: tuple[float, ...]
     sweep_alphas: tuple[float, ...]
-    sweep_train_images: int | None  # training images per sweep run (None: all)
+    sweep_train_images: int  # training images of each sweep run (the smallest label count among them)
     sweep_epochs: int
-    sweep_val_images: int | None  # validation images scoring each sweep run (never test images)
+    sweep_val_images: int | None  # validation images scoring each sweep run (never test images; None: all 5,000)
 
 
+# Throughput measured on 2 AVX2 cores: the student trains at ~1,200 images/s in this loop and the
+# teacher predicts ~470 images/s (its logits: two views of each training image, once).
 SIZES: dict[str, DistillSizes] = {
-    "smoke": DistillSizes(label_fraction=0.1, few_label_epochs=1, seeds=(0, 1),
+    # CI: every step on a handful of images (the smoke models are near chance anyway)
+    "smoke": DistillSizes(labels_per_class=(5, 20), epochs=2, seeds=(0, 1),
                           sweep_temperatures=(1.0, 4.0), sweep_alphas=(0.9,), sweep_train_images=512,
-                          sweep_epochs=2, sweep_val_images=256),  # fit's one-cycle schedule needs >= 5 steps
-    # 12,000 training images at ~800 images/s: one epoch is ~15 s on 2 CPU cores. A first run with a
-    # 3x2 sweep went past the 10-minute budget on a loaded machine, so workshop sweeps T only.
-    "workshop": DistillSizes(label_fraction=0.1, few_label_epochs=2, seeds=(0, 1),
-                             sweep_temperatures=(1.0, 4.0, 8.0), sweep_alphas=(0.9,), sweep_train_images=3000,
-                             sweep_epochs=2, sweep_val_images=2000),
-    # Training wants a GPU.
-    "full": DistillSizes(label_fraction=0.1, few_label_epochs=10, seeds=(0, 1, 2),
-                         sweep_temperatures=(1.0, 2.0, 4.0, 8.0), sweep_alphas=(0.5, 0.9), sweep_train_images=20_000,
-                         sweep_epochs=5, sweep_val_images=None),
+                          sweep_epochs=2, sweep_val_images=256),  # the one-cycle schedule needs >= 5 steps
+    # 12,000 training images: ~0.5 M student images (sweep 7 x 18k, few labels 8 x 36k, all labels 2 x 36k)
+    # and 24,000 teacher images: about 8-9 minutes the first time, then loaded
+    "workshop": DistillSizes(labels_per_class=(100, 500), epochs=3, seeds=(0, 1),
+                             sweep_temperatures=(1.0, 4.0, 8.0), sweep_alphas=(0.5, 0.9), sweep_train_images=6000,
+                             sweep_epochs=3, sweep_val_images=2000),
+    # 55,000 training images: ~2.6 M student images (sweep 9 x 30k, few labels 12 x 165k, all labels
+    # 2 x 165k) and 110,000 teacher images: about 40-45 minutes the first time on 2 cores
+    "full": DistillSizes(labels_per_class=(100, 500), epochs=3, seeds=(0, 1, 2),
+                         sweep_temperatures=(1.0, 2.0, 4.0, 8.0), sweep_alphas=(0.5, 0.9), sweep_train_images=10_000,
+                         sweep_epochs=3, sweep_val_images=None),
 }
 
 
@@ -162,6 +167,26 @@ def label_subset(n: int, fraction: float, seed: int) -> torch.Tensor:
     k = max(1, round(fraction * n))
     mask = torch.zeros(n, dtype=torch.bool)
     mask[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]] = True
+    return mask
+
+
+def labels_per_class(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Boolean mask keeping the label of ``per_class`` random images of every class (the few-label setting).
+
+    Drawn per class, so that every class has exactly ``per_class`` labels (a plain random subset
+    of 1,000 images would give some classes 80 and others 120).
+    """
+    if per_class < 1:
+        raise ValueError(f"need at least one label per class, got {per_class}")
+    if labels.ndim != 1 or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be (N,) integer class indices, got {labels.dtype} of shape {tuple(labels.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().squeeze(1)
+        if len(members) < per_class:
+            raise ValueError(f"class {c} has {len(members)} images, fewer than the {per_class} labels asked for")
+        mask[members[torch.randperm(len(members), generator=gen)[:per_class]]] = True
     return mask
 
 

@@ -163,7 +163,23 @@ def test_gain_summary():
 def test_sizes_exist_for_every_profile_and_have_two_seeds():
     for profile in PROFILES.values():
         s = distill.sizes(profile)
-        assert len(set(s.seeds)) >= 2 and 0 < s.label_fraction < 1 and s.few_label_epochs >= 1
+        assert len(set(s.seeds)) >= 2 and s.epochs >= 1 and s.labels_per_class == tuple(sorted(s.labels_per_class))
+        n_train = profile.train_images or 55_000
+        assert max(s.labels_per_class) * 10 < n_train, "the few-label settings must leave unlabelled images"
+    assert len(distill.sizes(PROFILES["full"]).seeds) >= 3, "issue 18: the full profile's gain is a mean over >= 3 seeds"
+
+
+def test_labels_per_class_keeps_exactly_k_labels_of_every_class():
+    labels = torch.arange(10).repeat_interleave(30)[torch.randperm(300, generator=torch.Generator().manual_seed(1))]
+    mask = distill.labels_per_class(labels, 7, seed=3)
+    assert mask.dtype == torch.bool and int(mask.sum()) == 70
+    assert torch.bincount(labels[mask], minlength=10).tolist() == [7] * 10
+    assert torch.equal(mask, distill.labels_per_class(labels, 7, seed=3))  # the seed decides the subset
+    assert not torch.equal(mask, distill.labels_per_class(labels, 7, seed=4))
+    with pytest.raises(ValueError, match="fewer than"):
+        distill.labels_per_class(labels, 31, seed=0)
+    with pytest.raises(ValueError):
+        distill.labels_per_class(labels, 0, seed=0)
 
 
 def test_sweep_plot_has_one_line_per_alpha():
@@ -182,16 +198,14 @@ def test_matched_epochs_give_the_same_number_of_steps():
 
 @pytest.mark.parametrize("name", list(PROFILES))
 def test_every_run_of_the_lesson_has_enough_steps_for_one_cycle(name):
-    """train.fit's OneCycleLR (pct_start 0.25) divides by zero below 5 optimiser steps."""
+    """The lesson's loop uses OneCycleLR (pct_start 0.25), which divides by zero below 5 optimiser steps."""
     p = PROFILES[name]
     s = distill.sizes(p)
     n_train = p.train_images or 55_000
-    n_sweep = min(s.sweep_train_images or n_train, n_train)
-    n_labeled = max(1, round(s.label_fraction * n_train))
+    n_labeled = 10 * min(s.labels_per_class)
     steps = {
-        "sweep": s.sweep_epochs * math.ceil(n_sweep / 128),
-        "few-label distilled": s.few_label_epochs * math.ceil(n_train / 128),
-        "few-label scratch": distill.matched_epochs(s.few_label_epochs, n_train, n_labeled) * math.ceil(n_labeled / 128),
-        "all-label distilled": p.student_epochs * math.ceil(n_train / 128),
+        "sweep": s.sweep_epochs * math.ceil(min(s.sweep_train_images, n_train) / 128),
+        "distilled": s.epochs * math.ceil(n_train / 128),
+        "few-label scratch": distill.matched_epochs(s.epochs, n_train, n_labeled) * math.ceil(n_labeled / 128),
     }
     assert min(steps.values()) >= 5, steps
