@@ -27,7 +27,7 @@ test-notebooks: setup
 	DEPLOYLAB_PROFILE=smoke $(BIN)/python -m pytest -p no:cacheprovider -ra --durations=15 $(NOTEBOOKS) $(PYTEST_NB)
 
 # Execute every notebook in PROFILE (or those named: make course NOTEBOOKS=notebooks/03_distillation.ipynb);
-# on success its run time goes to results/run_times.json (the lessons' first cell prints it), the
+# on success its run time goes to results/run_times.json and into the intro's Time paragraph, the
 # executed notebook replaces the one in notebooks/ (the outputs committed for readers) and an HTML
 # copy goes to build/.
 course: setup
@@ -37,7 +37,7 @@ course: setup
 	  start=$$(date +%s); \
 	  DEPLOYLAB_PROFILE=$(PROFILE) $(BIN)/jupyter nbconvert --to notebook --execute \
 	    --ExecutePreprocessor.timeout=3600 --output-dir build/executed "$$nb"; \
-	  $(BIN)/python -m deploylab.runtimes "$$nb" $(PROFILE) $$(( $$(date +%s) - start )); \
+	  $(BIN)/python -m deploylab.runtimes "build/executed/$$(basename $$nb)" $(PROFILE) $$(( $$(date +%s) - start )); \
 	  cp "build/executed/$$(basename $$nb)" "$$nb"; \
 	  $(BIN)/jupyter nbconvert --to html --output-dir build/html "$$nb" >/dev/null 2>&1; \
 	done

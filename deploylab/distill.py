@@ -9,11 +9,12 @@ The temperature ``T`` softens both distributions so that the teacher's "dark kno
 wrong classes it finds plausible (a shirt looks more like a T-shirt than a sandal) -- carries
 signal; ``T^2`` keeps the soft term's gradients on the same scale whatever ``T`` is.
 
-Training reuses :func:`deploylab.train.fit`, whose ``loss_fn`` receives ``(logits, targets)``.
-The teacher is frozen, so its logits are computed once (``assets.logits("teacher", "train")``)
-and travel *with* the labels: :func:`pack_targets` concatenates them into one float tensor
-``(N, classes + 1)`` that ``fit`` shuffles and batches exactly like labels, and
-:class:`DistillationLoss` unpacks them. No index bookkeeping, no teacher forward pass per step.
+Lesson 03 trains its students with a plain loop written out in the notebook (the technique, to
+copy), from teacher logits cached once for both views of each image (``assets.logits(...,
+view=...)``). For code that trains with :func:`deploylab.train.fit` instead (lesson 02's
+fine-tune with a teacher), :func:`pack_targets` concatenates the teacher's logits and the labels
+into one float tensor ``(N, classes + 1)`` that ``fit`` shuffles and batches exactly like labels,
+and :class:`DistillationLoss` unpacks them: no index bookkeeping, no teacher forward pass per step.
 
 Profile sizes of the lesson (epochs, sweep grid, seeds) are in :data:`SIZES`.
 """
@@ -61,9 +62,9 @@ SIZES: dict[str, DistillSizes] = {
     "workshop": DistillSizes(labels_per_class=(100, 500), epochs=3, seeds=(0, 1),
                              sweep_temperatures=(1.0, 4.0, 8.0), sweep_alphas=(0.5, 0.9), sweep_train_images=6000,
                              sweep_epochs=3, sweep_val_images=2000),
-    # 55,000 training images: ~2.6 M student images (sweep 9 x 30k, few labels 12 x 165k, all labels
-    # 2 x 165k) and 110,000 teacher images: about 40-45 minutes the first time on 2 cores
-    "full": DistillSizes(labels_per_class=(100, 500), epochs=3, seeds=(0, 1, 2),
+    # 55,000 training images: ~1.8 M student images (sweep 9 x 30k, few labels 12 x 110k, all labels
+    # 2 x 110k) and 110,000 teacher images: about 30 minutes the first time on 2 idle cores
+    "full": DistillSizes(labels_per_class=(100, 500), epochs=2, seeds=(0, 1, 2),
                          sweep_temperatures=(1.0, 2.0, 4.0, 8.0), sweep_alphas=(0.5, 0.9), sweep_train_images=10_000,
                          sweep_epochs=3, sweep_val_images=None),
 }

@@ -9,9 +9,15 @@ Two very different things share the name "pruning":
   dependency graph so that every layer that consumes a removed channel shrinks with it. The result
   is a smaller *dense* model: fewer parameters, fewer multiply-accumulates (MACs), lower latency.
 
+A *global* magnitude ranking compares raw weights across layers whose scales differ (a BatchNorm
+after each convolution rescales it), and at high sparsity it can empty a whole layer: "layer
+collapse", after which the model predicts a constant. :func:`global_magnitude_prune` therefore
+takes ``exclude`` (e.g. :func:`spared_layers`: the first convolution, the depthwise convolutions
+and the classifier) and ``max_layer_sparsity`` (a cap per layer).
+
 This module holds the plumbing of lesson 02 (sizes per profile, sparsity accounting, size
-measurements, the sensitivity scan, and saving/loading a pruned model without pickle); the
-notebook shows the library calls themselves.
+measurements, the sensitivity scan, fine-tuning with or without distillation, and saving/loading a
+pruned model without pickle); the notebook shows the library calls themselves.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import artefacts, bench, models
+from . import artefacts, bench, distill, models
 from .config import Profile
 from .train import Recipe, fit
 
@@ -40,47 +46,71 @@ PRUNABLE = (nn.Conv2d, nn.Linear)
 
 @dataclass(frozen=True)
 class PruneSizes:
-    """How much work lesson 02 does in one profile (sizes only; the code path is the same)."""
+    """How much work lesson 02 does in one profile (sizes only; the code path is the same).
 
-    sparsities: tuple[float, ...]  # unstructured sweep on the student (fraction of weights zeroed)
-    finetune_images: int | None  # training images of each short student fine-tune (None: all)
+    Every image count is a prefix of the profile's training images (``data.tensors("train",
+    profile.train_images)``, the images whose teacher logits ``assets.logits`` caches); None: all.
+    """
+
+    sparsities: tuple[float, ...]  # unstructured sweep: fraction of the *ranked* weights zeroed
+    max_layer_sparsity: float  # the fixed sweep's cap: no ranked layer loses more than this
+    finetune_images: int | None  # training images of each unstructured fine-tune
     finetune_epochs: int
     student_ratios: tuple[float, ...]  # structured channel-pruning ratios for the student
+    step_images: int | None  # images of the short fine-tune after each iterative step but the last
+    student_finetune_images: int | None  # the last step's fine-tune, with knowledge distillation
+    student_finetune_epochs: int
     teacher_ratio: float  # structured channel-pruning ratio for the teacher
-    teacher_finetune_images: int | None
+    teacher_finetune_images: int | None  # per iterative step (ResNet50 trains slowly on a CPU)
     teacher_finetune_epochs: int
-    teacher_eval_images: int | None  # test images for the pruned teacher (ResNet50 is slow on a CPU)
+    teacher_eval_images: int | None  # test images for the teacher's rows (None: the whole test set)
     iterative_steps: int  # prune a little, fine-tune, prune again...
     sensitivity_layers: int  # layers of the student scanned one at a time
     sensitivity_ratios: tuple[float, ...]
     sensitivity_images: int  # test images per point of the scan
-    finetune_lr: float = 0.01  # peak learning rate of a fine-tune (lower than training from scratch)
+    finetune_lr: float = 0.01  # peak learning rate of a short fine-tune (the student trained at 0.05)
+    student_finetune_lr: float = 0.02  # the longer distillation fine-tune of a channel-pruned student
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+# Top sparsity: a quick check on the shipped student (2,000 test images, one epoch at lr 0.01, no
+# augmentation) gave, with the spared layers and a 95% cap, 88.4% at 80% and 80.8% at 90% after
+# 4,096 images, 86.3% at 90% after 12,000; with the spared layers but no cap, 90% collapsed (9.5%:
+# features.18.0 was emptied). 95% would leave the largest layers at the cap, little more than uniform 95% pruning,
+# and needs a cap above 95%: the sweeps stop at 90%, where `full` (16,384 images) stays above 80%.
+#
+# Time estimates on 2 AVX2 cores, from measured throughputs: the student trains at ~1,200-1,400
+# images/s and predicts ~2,500 images/s; the teacher predicts ~470 images/s (~900 channel-pruned)
+# and trains at 30-70 images/s dense (the channel-pruned one faster: workshop's 2 x 2,048-image
+# fine-tune took ~15 s).
 SIZES: dict[str, PruneSizes] = {
-    # CI: every step runs, on a handful of images (the smoke models are near chance anyway).
+    # CI: every step runs, on a handful of images (the smoke models are near chance anyway): ~1-2 minutes.
     "smoke": PruneSizes(
-        sparsities=(0.5, 0.9), finetune_images=256, finetune_epochs=1,
-        student_ratios=(0.5,), teacher_ratio=0.35, teacher_finetune_images=64, teacher_finetune_epochs=1,
-        teacher_eval_images=128, iterative_steps=2,
-        sensitivity_layers=3, sensitivity_ratios=(0.5, 0.9), sensitivity_images=128,
+        sparsities=(0.5, 0.9), max_layer_sparsity=0.95, finetune_images=256, finetune_epochs=1,
+        student_ratios=(0.5,), step_images=256, student_finetune_images=256, student_finetune_epochs=1,
+        teacher_ratio=0.35, teacher_finetune_images=64, teacher_finetune_epochs=1, teacher_eval_images=128,
+        iterative_steps=2, sensitivity_layers=3, sensitivity_ratios=(0.5, 0.9), sensitivity_images=128,
     ),
-    # A live session on 2 CPU cores: ~4k-image fine-tunes; the pruned teacher is scored on 2,000 images.
+    # A live session, ~6 minutes: teacher logits on 12,000 images ~26 s; sweep 8 x 4,096 images + 16
+    # scorings ~90 s; scan ~20 s; 3 students x 28,096 images ~80 s; teacher 2 x 2,048 images and 10,000
+    # scored ~30 s; 4 ONNX exports ~30 s; benchmark ~25 s; the rest ~40 s.
     "workshop": PruneSizes(
-        sparsities=(0.5, 0.7, 0.8, 0.9, 0.95), finetune_images=4096, finetune_epochs=1,
-        student_ratios=(0.25, 0.5), teacher_ratio=0.35, teacher_finetune_images=2048, teacher_finetune_epochs=1,
-        teacher_eval_images=2000, iterative_steps=2,
-        sensitivity_layers=6, sensitivity_ratios=(0.25, 0.5, 0.75), sensitivity_images=1000,
+        sparsities=(0.5, 0.7, 0.8, 0.9), max_layer_sparsity=0.95, finetune_images=4096, finetune_epochs=1,
+        student_ratios=(0.25, 0.5), step_images=4096, student_finetune_images=None, student_finetune_epochs=2,
+        teacher_ratio=0.35, teacher_finetune_images=2048, teacher_finetune_epochs=1, teacher_eval_images=None,
+        iterative_steps=2, sensitivity_layers=6, sensitivity_ratios=(0.25, 0.5, 0.75), sensitivity_images=1000,
     ),
-    # Headline figures: fine-tunes on the whole training split (a GPU makes them minutes).
+    # The headline figures, ~20 minutes: teacher logits on 55,000 images ~2 min (then cached for lesson
+    # 03); sweep 8 x 16,384 images + 16 scorings ~3 min; scan ~40 s; 3 students x (2 x 8,192 + 4 x
+    # 55,000 images) ~10 min; teacher 3 x 3,072 images and 10,000 scored ~1.5 min; exports ~30 s;
+    # benchmark ~70 s; the rest ~45 s.
     "full": PruneSizes(
-        sparsities=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98), finetune_images=None, finetune_epochs=2,
-        student_ratios=(0.25, 0.5), teacher_ratio=0.35, teacher_finetune_images=None, teacher_finetune_epochs=3,
-        teacher_eval_images=None, iterative_steps=3,
-        sensitivity_layers=8, sensitivity_ratios=(0.25, 0.5, 0.75), sensitivity_images=2000,
+        sparsities=(0.5, 0.7, 0.8, 0.9), max_layer_sparsity=0.95, finetune_images=16_384, finetune_epochs=1,
+        student_ratios=(0.25, 0.5), step_images=8192, student_finetune_images=None, student_finetune_epochs=4,
+        teacher_ratio=0.35, teacher_finetune_images=3072, teacher_finetune_epochs=1, teacher_eval_images=None,
+        iterative_steps=3, sensitivity_layers=8, sensitivity_ratios=(0.25, 0.5, 0.75), sensitivity_images=2000,
     ),
 }
 
@@ -116,23 +146,77 @@ def check_amount(amount: float, *, what: str = "sparsity", allow_zero: bool = Tr
 # --------------------------------------------------------------------------- unstructured
 
 
-def prunable_parameters(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """``(module, "weight")`` for every Conv2d and Linear: the weights that global pruning ranks."""
-    params = [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE)]
-    if not params:
+def spared_layers(model: nn.Module) -> list[str]:
+    """The conv/linear layers a global magnitude ranking should leave alone.
+
+    - the first convolution: few weights, and every later layer depends on its features;
+    - every depthwise convolution (``groups == in_channels > 1``): one small filter per channel
+      (3x3 in MobileNetV2), and a channel whose filter is all zeros is dead for the whole block;
+    - the classifier: its 10 outputs are the classes.
+
+    Magnitudes are not comparable across layers (a BatchNorm after a convolution rescales it at
+    will), so a global ranking can empty such a layer and the whole model predicts a constant
+    ("layer collapse"). Returns layer names as ``model.named_modules()`` spells them.
+    """
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+    if not convs:
         raise ValueError("the model has no Conv2d or Linear layers to prune")
+    spared = {convs[0][0]}
+    spared |= {n for n, m in convs if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels}
+    spared.add(next(n for n, m in model.named_modules() if m is classifier(model)))
+    return [n for n, _ in convs if n in spared]
+
+
+def prunable_parameters(model: nn.Module, exclude: Iterable[str] = ()) -> list[tuple[nn.Module, str]]:
+    """``(module, "weight")`` for every Conv2d and Linear not named in ``exclude``: what global pruning ranks."""
+    exclude = set(exclude)
+    layers = dict(model.named_modules())
+    if exclude - set(layers):
+        raise ValueError(f"exclude names layers the model lacks: {sorted(exclude - set(layers))[:3]}")
+    params = [(m, "weight") for n, m in layers.items() if isinstance(m, PRUNABLE) and n not in exclude]
+    if not params:
+        raise ValueError("no Conv2d or Linear layers left to prune (the model has none, or all are excluded)")
     return params
 
 
-def global_magnitude_prune(model: nn.Module, amount: float) -> nn.Module:
-    """Zero the ``amount`` fraction of smallest-magnitude conv/linear weights, ranked over the whole model.
+def _capped_scores(params: list[tuple[nn.Module, str]], cap: float) -> dict[tuple[nn.Module, str], torch.Tensor]:
+    """|weight| per layer, with each layer's largest ``1 - cap`` fraction set to the largest float (never pruned)."""
+    scores = {}
+    for module, name in params:
+        w = getattr(module, name).detach().abs()
+        keep = math.ceil((1 - cap) * w.numel() - 1e-9)  # at least this many weights of the layer survive
+        s = w.flatten().clone()
+        s[s.topk(keep).indices] = torch.finfo(s.dtype).max  # finite: torch multiplies the scores by any old mask
+        scores[(module, name)] = s.view_as(w)
+    return scores
+
+
+def global_magnitude_prune(model: nn.Module, amount: float, *, exclude: Iterable[str] = (),
+                           max_layer_sparsity: float | None = None) -> nn.Module:
+    """Zero the ``amount`` fraction of smallest-magnitude conv/linear weights, ranked over all ranked layers.
 
     Uses ``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``; the pruned weights
     become ``weight_orig * weight_mask`` (so fine-tuning keeps them at zero) until
     :func:`make_permanent`. Works in place and returns the model.
+
+    ``exclude``: layer names left out of the ranking (and never pruned), e.g. :func:`spared_layers`;
+    ``amount`` is then the fraction of the *ranked* weights, and the model-wide sparsity
+    (:func:`sparsity`) is lower. ``max_layer_sparsity``: no ranked layer loses more than this
+    fraction of its weights (its largest weights get the largest importance score); the rest of
+    the ``amount`` comes from the other layers, still smallest magnitude first.
     """
     amount = check_amount(amount)
-    prune.global_unstructured(prunable_parameters(model), pruning_method=prune.L1Unstructured, amount=amount)
+    params = prunable_parameters(model, exclude)
+    scores = None
+    if max_layer_sparsity is not None:
+        cap = check_amount(max_layer_sparsity, what="max_layer_sparsity", allow_zero=False)
+        scores = _capped_scores(params, cap)
+        total = sum(getattr(m, n).numel() for m, n in params)
+        free = sum(int((s < torch.finfo(s.dtype).max).sum()) for s in scores.values())
+        if round(amount * total) > free:
+            raise ValueError(f"amount={amount} needs {round(amount * total):,} zeros but max_layer_sparsity={cap} "
+                             f"allows {free:,} ({free / total:.1%} of the ranked weights): prune less or raise the cap")
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount, importance_scores=scores)
     return model
 
 
@@ -170,6 +254,55 @@ def sparsity(model: nn.Module) -> Sparsity:
     if total == 0:
         raise ValueError("the model has no Conv2d or Linear weights")
     return Sparsity(zeros, total, per_layer)
+
+
+def plot_layer_sparsity(per_layer: Mapping[str, Mapping[str, float]], spared: Iterable[str] = (), title: str = ""):
+    """Bars of each layer's fraction of zero weights (%), one colour per model (``{label: Sparsity.per_layer}``).
+
+    Layers named in ``spared`` get a grey band: the ones the fixed ranking leaves out.
+    """
+    import matplotlib.pyplot as plt
+
+    labels = list(per_layer)
+    layers = list(per_layer[labels[0]])
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    width = 0.8 / len(labels)
+    for i in (i for i, name in enumerate(layers) if name in set(spared)):
+        ax.axvspan(i - 0.45, i + 0.45, color="0.9", zorder=0)
+    for k, label in enumerate(labels):
+        ax.bar([i - 0.4 + (k + 0.5) * width for i in range(len(layers))],
+               [100 * per_layer[label][name] for name in layers], width, label=label)
+    ax.axhline(100, color="k", lw=0.8, ls=":")
+    ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=5)
+    ax.set_ylabel("weights that are zero (%)")
+    ax.set_title(title or "sparsity of each layer (grey: left out of the fixed ranking)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(rows: Iterable[Mapping[str, Any]], baseline: float, title: str = ""):
+    """Accuracy (%) against model-wide sparsity, before and after fine-tuning, one colour per method.
+
+    ``rows``: dicts with ``method``, ``model_sparsity``, ``before`` and ``after`` (fractions).
+    """
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for k, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        pts = sorted((r["model_sparsity"], r["before"], r["after"]) for r in rows if r["method"] == method)
+        xs = [100 * p[0] for p in pts]
+        ax.plot(xs, [100 * p[1] for p in pts], ls="--", marker="o", color=f"C{k}", label=f"{method}: right after pruning")
+        ax.plot(xs, [100 * p[2] for p in pts], ls="-", marker="o", color=f"C{k}", label=f"{method}: after fine-tuning")
+    ax.axhline(100 * baseline, color="k", lw=0.8, ls=":", label="dense")
+    ax.set_xlabel("model-wide sparsity (% of conv/linear weights that are zero)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "unstructured pruning sweep", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def _state_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -391,14 +524,27 @@ def finetune_batch_size(images: int, epochs: int) -> int:
     return batch_size
 
 
+def finetune_steps(images: int, epochs: int) -> int:
+    """Optimiser steps of :func:`finetune` on ``images`` images: what a shared progress bar counts."""
+    return epochs * math.ceil(images / finetune_batch_size(images, epochs))
+
+
 def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, augment: bool,
-             desc: str = "fine-tune") -> nn.Module:
+             teacher_logits: torch.Tensor | None = None, bar: Any = None, desc: str = "fine-tune") -> nn.Module:
     """A short fine-tune with the course's training loop, at a lower peak learning rate.
 
     Pruning masks (``weight_orig * weight_mask``) stay in place, so pruned weights stay zero.
-    ``train.fit`` trains in channels-last memory format; the model comes back in the default
-    (contiguous) format so that every variant is benchmarked alike.
+    With ``teacher_logits`` (the teacher's logits for ``x``, e.g. from ``assets.logits("teacher",
+    "train")``) the loss is knowledge distillation (:class:`deploylab.distill.DistillationLoss`,
+    its default temperature and alpha) instead of label-smoothed cross-entropy. ``bar``: a tqdm
+    bar to advance (one bar for several fine-tunes). ``train.fit`` trains in channels-last memory
+    format; the model comes back in the default (contiguous) format so that every variant is
+    benchmarked alike.
     """
     batch_size = finetune_batch_size(len(x), epochs)
-    fit(model, x, y, Recipe(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment), desc=desc)
+    loss_fn, targets = None, y
+    if teacher_logits is not None:
+        loss_fn, targets = distill.DistillationLoss(), distill.pack_targets(teacher_logits, y)
+    fit(model, x, targets, Recipe(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment),
+        loss_fn=loss_fn, desc=desc, bar=bar)
     return model.to(memory_format=torch.contiguous_format).eval()

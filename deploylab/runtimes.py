@@ -1,20 +1,22 @@
 """How long each lesson took at the last ``make course`` run, per profile: the intros' "Time" line.
 
-``make course`` times each notebook it executes and records it here (``python -m
-deploylab.runtimes NOTEBOOK PROFILE SECONDS``) in results/run_times.json, with the CPU it ran on;
-the first cell of a lesson prints :func:`summary`, so no intro carries a typed time.
+``make course`` times each notebook it executes and records it (``python -m deploylab.runtimes
+NOTEBOOK PROFILE SECONDS``) in results/run_times.json, with the CPU it ran on, then rewrites the
+notebook's "**Time**" paragraph from what is recorded (:func:`update_intro`): no intro carries a
+typed time, and each says where and when its times were measured.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import config
-from .files import atomic_write_json
+from .files import atomic_path, atomic_write_json
 from .hardware import hardware_report
 
 PROFILE_ORDER = ("smoke", "workshop", "full")
@@ -47,27 +49,55 @@ def record(lesson: str, profile: str, seconds: float) -> dict[str, Any]:
     return entry
 
 
-def summary(lesson: str) -> str:
-    """One line per profile: the lesson's last measured run time, where and when it was measured."""
+def time_paragraph(lesson: str) -> str:
+    """The intro's "**Time**" paragraph of ``lesson``, from results/run_times.json."""
     times = read()
-    lines = []
+    parts, machines = [], set()
     for profile in PROFILE_ORDER:
         e = times.get(profile, {}).get(lesson)
         if e is None:
-            lines.append(f"  {profile}: not measured yet (make course PROFILE={profile})")
+            parts.append(f"`{profile}` not measured yet (`make course PROFILE={profile}`)")
         else:
-            lines.append(f"  {profile}: {e['seconds'] / 60:.1f} min on {e['cores']} cores of {e['cpu']} "
-                         f"({e['isa']}), {e['date']}")
-    return "time of this lesson at the last `make course` run:\n" + "\n".join(lines)
+            parts.append(f"`{profile}` {e['seconds'] / 60:.1f} min ({e['date']})")
+            machines.add(f"{e['cores']} cores of {e['cpu']} ({e['isa']})")
+    where = f", on {'; '.join(sorted(machines))}" if machines else ""
+    return ("**Time** (measured by the last `make course` run of each profile, written here by it): "
+            + ", ".join(parts) + where + ".")
+
+
+def update_intro(notebook: str | Path) -> bool:
+    """Replace the "**Time**" paragraph of ``notebook``'s first cell with :func:`time_paragraph`.
+
+    Only the paragraph changes (up to the next blank line); the notebook is written atomically.
+    Returns False, changing nothing, when the intro has no such paragraph.
+    """
+    path = Path(notebook)
+    book = json.loads(path.read_text())
+    intro = book["cells"][0]
+    source = "".join(intro["source"]) if isinstance(intro["source"], list) else intro["source"]
+    match = re.search(r"\*\*Time\*\*.*?(?=\n\n|\Z)", source, re.S)
+    if match is None:
+        return False
+    intro["source"] = source[: match.start()] + time_paragraph(path.stem) + source[match.end():]
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(book, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return True
 
 
 def main(argv: list[str]) -> int:
-    """``python -m deploylab.runtimes NOTEBOOK PROFILE SECONDS`` (called by ``make course``)."""
+    """``python -m deploylab.runtimes NOTEBOOK PROFILE SECONDS`` (called by ``make course``): record, then update the intro.
+
+    ``python -m deploylab.runtimes --intro NOTEBOOK`` only rewrites the intro from what is recorded.
+    """
+    if len(argv) == 2 and argv[0] == "--intro":
+        return 0 if update_intro(argv[1]) else 1
     if len(argv) != 3:
-        print("usage: python -m deploylab.runtimes NOTEBOOK PROFILE SECONDS", file=sys.stderr)
+        print("usage: python -m deploylab.runtimes NOTEBOOK PROFILE SECONDS | --intro NOTEBOOK", file=sys.stderr)
         return 2
     entry = record(Path(argv[0]).stem, argv[1], float(argv[2]))
     print(f"{Path(argv[0]).stem} ({argv[1]}): {entry['seconds'] / 60:.1f} min recorded in {times_path()}")
+    if not update_intro(argv[0]):
+        print(f"{argv[0]}: no '**Time**' paragraph in the intro to update", file=sys.stderr)
     return 0
 
 

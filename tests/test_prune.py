@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from deploylab import config, models, prune
+from deploylab import config, data, distill, models, prune
 
 
 def small_model() -> nn.Module:
@@ -46,6 +46,67 @@ def test_global_prune_removes_the_smallest_magnitudes_across_layers():
         m[5].weight.fill_(0.01)  # the 12 smallest weights are all in the linear layer
     prune.global_magnitude_prune(m, 0.25)
     assert prune.sparsity(m).per_layer == {"0": 0.0, "5": 1.0}
+
+
+def test_spared_layers_of_mobilenet_are_first_conv_depthwise_and_classifier():
+    m = models.build("mobilenet_v2_x0_5")
+    spared = prune.spared_layers(m)
+    depthwise = [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d) and mod.groups > 1]
+    assert spared == ["features.0.0", *depthwise, "classifier.1"]
+    assert len(depthwise) == 17 and all(m.get_submodule(n).groups == m.get_submodule(n).in_channels for n in depthwise)
+    assert "features.18.0" not in spared and "features.1.conv.1" not in spared  # pointwise convolutions are ranked
+
+
+def collapsing_mobilenet() -> nn.Module:
+    """A MobileNetV2 whose last 1x1 convolution has tiny weights: naive global ranking empties it."""
+    torch.manual_seed(0)
+    m = models.build("mobilenet_v2_x0_5")
+    with torch.no_grad():
+        m.get_submodule("features.18.0").weight.mul_(1e-3)
+    return m
+
+
+def test_naive_global_pruning_collapses_a_layer():
+    s = prune.sparsity(prune.global_magnitude_prune(collapsing_mobilenet(), 0.5))
+    assert s.per_layer["features.18.0"] == 1.0  # the whole layer is gone: the model predicts a constant
+
+
+@pytest.mark.parametrize("amount, cap", [(0.5, 0.9), (0.8, 0.9), (0.9, 0.95)])
+def test_fixed_pruning_spares_excluded_layers_and_respects_the_cap(amount, cap):
+    m = collapsing_mobilenet()
+    spared = prune.spared_layers(m)
+    before = {n: m.get_submodule(n).weight.detach().clone() for n in spared}
+    prune.global_magnitude_prune(m, amount, exclude=spared, max_layer_sparsity=cap)
+    s = prune.sparsity(m)
+    assert all(s.per_layer[n] == 0.0 and not hasattr(m.get_submodule(n), "weight_mask") for n in spared)
+    assert all(torch.equal(m.get_submodule(n).weight, before[n]) for n in spared)
+    assert max(s.per_layer.values()) <= cap and s.per_layer["features.18.0"] == pytest.approx(cap, abs=1e-4)
+    ranked = s.total - sum(before[n].numel() for n in spared)
+    assert s.zeros == round(amount * ranked)  # amount is the fraction of the ranked weights...
+    assert s.fraction < amount  # ...so the model-wide sparsity is lower
+
+
+def test_cap_redistributes_to_the_other_layers():
+    m = small_model()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.arange(1, 37, dtype=torch.float32).view(4, 1, 3, 3))
+        m[5].weight.fill_(0.01)  # uncapped, the 12 smallest weights are the linear layer's
+    prune.global_magnitude_prune(m, 0.25, max_layer_sparsity=0.5)
+    assert prune.sparsity(m).per_layer == {"0": 6 / 36, "5": 0.5}
+    assert torch.equal(m[0].weight_mask.flatten() == 0, torch.arange(36) < 6)  # the conv's smallest six go
+
+
+def test_fixed_pruning_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="prune less or raise the cap"):
+        prune.global_magnitude_prune(small_model(), 0.9, max_layer_sparsity=0.9)  # 0.9 of 12 and 36 rounds down
+    with pytest.raises(ValueError, match="prune less or raise the cap"):
+        prune.global_magnitude_prune(small_model(), 0.6, max_layer_sparsity=0.5)
+    with pytest.raises(ValueError, match="lacks"):
+        prune.global_magnitude_prune(small_model(), 0.5, exclude=["nope"])
+    with pytest.raises(ValueError, match="all are excluded"):
+        prune.global_magnitude_prune(small_model(), 0.5, exclude=["0", "5"])
+    with pytest.raises(ValueError, match="max_layer_sparsity"):
+        prune.global_magnitude_prune(small_model(), 0.5, max_layer_sparsity=1.0)
 
 
 def test_ratio_zero_is_a_noop_and_one_is_refused():
@@ -149,11 +210,15 @@ def test_sizes_per_profile():
     for profile in config.PROFILES.values():
         s = prune.sizes(profile)
         assert all(0 < x < 1 for x in (*s.sparsities, *s.student_ratios, s.teacher_ratio, *s.sensitivity_ratios))
+        assert max(s.sparsities) < s.max_layer_sparsity < 1  # the capped sweep must be feasible
+        limit = profile.train_images or data.split_size("train")  # fine-tunes take prefixes of these
+        for n in (s.finetune_images, s.step_images, s.student_finetune_images, s.teacher_finetune_images):
+            assert n is None or n <= limit
+        if profile.name != "smoke":  # DESIGN: workshop and full score every variant on the whole test set
+            assert s.teacher_eval_images is None and profile.test_images is None
 
 
 def test_finetune_keeps_pruned_weights_at_zero():
-    from deploylab import data
-
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     prune.global_magnitude_prune(m, 0.6)
@@ -178,3 +243,25 @@ def test_finetune_refuses_too_few_steps():
         prune.finetune_batch_size(32, 1)
     with pytest.raises(ValueError, match="one epoch"):
         prune.finetune_batch_size(1000, 0)
+
+
+def test_finetune_with_teacher_logits_distils(monkeypatch):
+    seen = {}
+
+    def fake_fit(model, x, targets, recipe, *, loss_fn=None, desc="", bar=None):
+        seen.update(targets=targets, loss_fn=loss_fn, recipe=recipe)
+
+    monkeypatch.setattr(prune, "fit", fake_fit)
+    x, y = torch.zeros(64, 1, 32, 32), torch.arange(64) % 10
+    teacher = torch.randn(64, 10)
+    prune.finetune(small_model(), x, y, epochs=1, lr=0.02, augment=False, teacher_logits=teacher)
+    assert isinstance(seen["loss_fn"], distill.DistillationLoss)
+    assert torch.equal(seen["targets"], distill.pack_targets(teacher, y)) and seen["recipe"].lr == 0.02
+    prune.finetune(small_model(), x, y, epochs=1, lr=0.01, augment=False)
+    assert seen["loss_fn"] is None and torch.equal(seen["targets"], y)  # no teacher: fit's cross-entropy
+
+
+def test_finetune_steps_match_the_batch_size():
+    assert prune.finetune_steps(4096, 1) == 32
+    assert prune.finetune_steps(55_000, 4) == 4 * 430
+    assert prune.finetune_steps(64, 1) == 8

@@ -1,18 +1,26 @@
+import json
+
+import pytest
+
 from deploylab import runtimes
 
 
-def test_record_and_summary_round_trip(tmp_dirs):
-    assert "not measured yet" in runtimes.summary("03_distillation")
+def _notebook(path, intro):
+    path.write_text(json.dumps({"cells": [{"cell_type": "markdown", "metadata": {}, "source": intro}],
+                                "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    return path
+
+
+def test_record_and_time_paragraph_round_trip(tmp_dirs):
+    assert "`workshop` not measured yet" in runtimes.time_paragraph("03_distillation")
     entry = runtimes.record("03_distillation", "workshop", 540.0)
     assert entry["seconds"] == 540.0 and entry["cpu"] and entry["isa"]
-    text = runtimes.summary("03_distillation")
-    assert "workshop: 9.0 min" in text and "full: not measured yet" in text
+    text = runtimes.time_paragraph("03_distillation")
+    assert "`workshop` 9.0 min" in text and "`full` not measured yet" in text and entry["cpu"] in text
     assert runtimes.read()["workshop"]["03_distillation"]["seconds"] == 540.0
 
 
 def test_bad_records_are_refused(tmp_dirs):
-    import pytest
-
     with pytest.raises(ValueError, match="profile"):
         runtimes.record("03_distillation", "laptop", 10)
     with pytest.raises(ValueError, match="positive"):
@@ -20,7 +28,18 @@ def test_bad_records_are_refused(tmp_dirs):
     assert runtimes.read() == {}
 
 
-def test_main_records_from_the_makefile_arguments(tmp_dirs, capsys):
-    assert runtimes.main(["notebooks/01_quantization.ipynb", "full", "61"]) == 0
+def test_main_records_and_rewrites_only_the_time_paragraph(tmp_dirs):
+    nb = _notebook(tmp_dirs / "01_quantization.ipynb",
+                   "# 01 · Title\n\n**Time**: typed by hand, 5 min.\n\n**Needs**: the models.")
+    assert runtimes.main([str(nb), "full", "61"]) == 0
     assert runtimes.read()["full"]["01_quantization"]["seconds"] == 61.0
+    intro = json.loads(nb.read_text())["cells"][0]["source"]
+    assert "typed by hand" not in intro and "`full` 1.0 min" in intro
+    assert intro.startswith("# 01 · Title\n\n**Time**") and intro.endswith("\n\n**Needs**: the models.")
     assert runtimes.main(["too", "few"]) == 2
+
+
+def test_an_intro_without_a_time_paragraph_is_left_alone(tmp_dirs):
+    nb = _notebook(tmp_dirs / "09_other.ipynb", "# 09 · Title\n\nNo times here.")
+    before = nb.read_text()
+    assert runtimes.update_intro(nb) is False and nb.read_text() == before
