@@ -50,21 +50,22 @@ class DistillSizes:
     sweep_val_images: int | None  # validation images scoring each sweep run (never test images; None: all 5,000)
 
 
-# Throughput measured on 2 AVX2 cores: the student trains at ~1,200 images/s in this loop and the
-# teacher predicts ~470 images/s (its logits: two views of each training image, once).
+# Throughput measured on 2 AVX2 cores (AMD EPYC): the student trains at roughly 250-300 images/s in
+# the lesson's loop and the teacher predicts ~80-150 images/s (its logits: two views of each
+# training image, computed once and cached).
 SIZES: dict[str, DistillSizes] = {
     # CI: every step on a handful of images (the smoke models are near chance anyway)
     "smoke": DistillSizes(labels_per_class=(5, 20), epochs=2, seeds=(0, 1),
                           sweep_temperatures=(1.0, 4.0), sweep_alphas=(0.9,), sweep_train_images=512,
                           sweep_epochs=2, sweep_val_images=256),  # the one-cycle schedule needs >= 5 steps
-    # 12,000 training images: ~0.5 M student images (sweep 7 x 18k, few labels 8 x 36k, all labels 2 x 36k)
-    # and 24,000 teacher images: about 8-9 minutes the first time, then loaded
-    "workshop": DistillSizes(labels_per_class=(100, 500), epochs=3, seeds=(0, 1),
-                             sweep_temperatures=(1.0, 4.0, 8.0), sweep_alphas=(0.5, 0.9), sweep_train_images=6000,
+    # 12,000 training images: ~140k student images (sweep 4 x 18k, few labels 4 x 12k, all labels 2 x 12k)
+    # and 24,000 teacher images: about 10 minutes the first time on 2 AVX2 cores, then loaded
+    "workshop": DistillSizes(labels_per_class=(100,), epochs=1, seeds=(0, 1),
+                             sweep_temperatures=(1.0, 4.0, 8.0), sweep_alphas=(0.9,), sweep_train_images=6000,
                              sweep_epochs=3, sweep_val_images=2000),
-    # 55,000 training images: ~1.8 M student images (sweep 9 x 30k, few labels 12 x 110k, all labels
-    # 2 x 110k) and 110,000 teacher images: about 30 minutes the first time on 2 idle cores
-    "full": DistillSizes(labels_per_class=(100, 500), epochs=2, seeds=(0, 1, 2),
+    # 55,000 training images: ~0.7 M student images (sweep 9 x 30k, few labels 6 x 55k, all labels
+    # 2 x 55k) and 110,000 teacher images: about 1 h 10 min the first time on 2 AVX2 cores (a GPU: minutes)
+    "full": DistillSizes(labels_per_class=(100,), epochs=1, seeds=(0, 1, 2),
                          sweep_temperatures=(1.0, 2.0, 4.0, 8.0), sweep_alphas=(0.5, 0.9), sweep_train_images=10_000,
                          sweep_epochs=3, sweep_val_images=None),
 }

@@ -122,7 +122,7 @@ def choose_autocast(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_f
             return _PROBED[key]
         rng = torch.get_rng_state()  # the probe's dropout must not shift the training run's random numbers
         optimizer = torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=0.9)
-        xb = xb.to(device).contiguous(memory_format=torch.channels_last)
+        xb = xb.to(device).contiguous(memory_format=memory_format_for(probe, device))
         yb = yb.to(device)
         rates: dict[torch.dtype | None, list[float]] = {None: [], torch.bfloat16: []}
         for amp in rates:  # warm-up: the first step of each precision pays for kernel selection
@@ -143,6 +143,19 @@ def choose_autocast(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_f
 def precision_name(amp: torch.dtype | None) -> str:
     """``"bfloat16 autocast"`` or ``"float32"``: how a run computed, as recorded in its metadata."""
     return "float32" if amp is None else f"{str(amp).removeprefix('torch.')} autocast"
+
+
+def memory_format_for(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """The memory format to train ``model`` in: channels-last, except for grouped convolutions on a CPU.
+
+    Measured on 2 AVX2 cores (torch 2.14.1, batch 128 / 32, one SGD step): ResNet50 trains at 107
+    images/s in channels-last and 4 in the default (contiguous) format, while MobileNetV2 -- whose
+    depthwise convolutions are grouped -- trains at 37 in channels-last and 228 contiguous.
+    """
+    if device.type == "cuda":
+        return torch.channels_last
+    grouped = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+    return torch.contiguous_format if grouped else torch.channels_last
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
@@ -189,7 +202,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, *,
     device = device or config.device()
     loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, label_smoothing=recipe.label_smoothing))
     gen = torch.Generator().manual_seed(recipe.seed)
-    model = model.to(device).to(memory_format=torch.channels_last)
+    memory_format = memory_format_for(model, device)
+    model = model.to(device).to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay, nesterov=True)
     steps_per_epoch = math.ceil(len(x) / recipe.batch_size)
@@ -231,7 +245,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, *,
             for xb, yb in batches(x, y, recipe.batch_size, shuffle=True, generator=gen):
                 if recipe.augment:
                     xb = data.augment(xb, generator=gen)
-                xb = xb.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                xb = xb.to(device, non_blocking=True).contiguous(memory_format=memory_format)
                 loss = train_step(model, xb, yb.to(device), loss_fn, optimizer, amp)
                 scheduler.step()
                 total, count = total + loss * len(xb), count + len(xb)
@@ -263,7 +277,7 @@ def _accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: 
     model.eval()
     correct = 0
     for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+        xb = x[i : i + batch_size].to(device).contiguous(memory_format=memory_format_for(model, device))
         correct += (model(xb).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
     return correct / len(x)
 

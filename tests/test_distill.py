@@ -209,3 +209,11 @@ def test_every_run_of_the_lesson_has_enough_steps_for_one_cycle(name):
         "few-label scratch": distill.matched_epochs(s.epochs, n_train, n_labeled) * math.ceil(n_labeled / 128),
     }
     assert min(steps.values()) >= 5, steps
+
+
+def test_memory_format_follows_the_model_on_a_cpu():
+    """Grouped (depthwise) convolutions train contiguous on a CPU, dense ones channels-last (measured: train.memory_format_for)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.memory_format_for(models.build("mobilenet_v2_x0_5"), cpu) == torch.contiguous_format
+    assert train.memory_format_for(models.build("resnet50"), cpu) == torch.channels_last
+    assert train.memory_format_for(models.build("mobilenet_v2_x0_5"), cuda) == torch.channels_last
