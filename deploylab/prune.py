@@ -81,10 +81,9 @@ class PruneSizes:
 # features.18.0 was emptied). 95% would leave the largest layers at the cap, little more than uniform 95% pruning,
 # and needs a cap above 95%: the sweeps stop at 90%, where `full` (16,384 images) stays above 80%.
 #
-# Time estimates on 2 AVX2 cores, from measured throughputs: the student trains at ~1,200-1,400
-# images/s and predicts ~2,500 images/s; the teacher predicts ~470 images/s (~900 channel-pruned)
-# and trains at 30-70 images/s dense (the channel-pruned one faster: workshop's 2 x 2,048-image
-# fine-tune took ~15 s).
+# Time estimates on 2 AVX2 cores (AMD EPYC, 2026-12-03): the student trains at ~250 images/s (more
+# when channel-pruned) and predicts ~2,500 images/s; the teacher predicts ~100-470 images/s and
+# trains at ~100 images/s (channels-last; the channel-pruned one faster).
 SIZES: dict[str, PruneSizes] = {
     # CI: every step runs, on a handful of images (the smoke models are near chance anyway): ~1-2 minutes.
     "smoke": PruneSizes(
@@ -93,23 +92,23 @@ SIZES: dict[str, PruneSizes] = {
         teacher_ratio=0.35, teacher_finetune_images=64, teacher_finetune_epochs=1, teacher_eval_images=128,
         iterative_steps=2, sensitivity_layers=3, sensitivity_ratios=(0.5, 0.9), sensitivity_images=128,
     ),
-    # A live session, ~6 minutes: teacher logits on 12,000 images ~26 s; sweep 8 x 4,096 images + 16
-    # scorings ~90 s; scan ~20 s; 3 students x 28,096 images ~80 s; teacher 2 x 2,048 images and 10,000
-    # scored ~30 s; 4 ONNX exports ~30 s; benchmark ~25 s; the rest ~40 s.
+    # A live session, ~8-9 minutes on 2 AVX2 cores: teacher logits on 12,000 images ~1-2 min (cached by
+    # lesson 03); sweep 8 x 4,096 images ~2 min; scan ~20 s; 3 students x (4,096 + 12,000 images)
+    # ~3 min; teacher 2 x 2,048 images and 10,000 scored ~1 min; exports, benchmark, the rest ~1.5 min.
     "workshop": PruneSizes(
         sparsities=(0.5, 0.7, 0.8, 0.9), max_layer_sparsity=0.95, finetune_images=4096, finetune_epochs=1,
-        student_ratios=(0.25, 0.5), step_images=4096, student_finetune_images=None, student_finetune_epochs=2,
+        student_ratios=(0.25, 0.5), step_images=4096, student_finetune_images=None, student_finetune_epochs=1,
         teacher_ratio=0.35, teacher_finetune_images=2048, teacher_finetune_epochs=1, teacher_eval_images=None,
         iterative_steps=2, sensitivity_layers=6, sensitivity_ratios=(0.25, 0.5, 0.75), sensitivity_images=1000,
     ),
-    # The headline figures, ~20 minutes: teacher logits on 55,000 images ~2 min (then cached for lesson
-    # 03); sweep 8 x 16,384 images + 16 scorings ~3 min; scan ~40 s; 3 students x (2 x 8,192 + 4 x
-    # 55,000 images) ~10 min; teacher 3 x 3,072 images and 10,000 scored ~1.5 min; exports ~30 s;
-    # benchmark ~70 s; the rest ~45 s.
+    # The headline figures, ~25 minutes on 2 AVX2 cores: teacher logits on 55,000 images (cached by
+    # lesson 03, else ~6 min); sweep 8 x 12,000 images ~6 min; scan ~1 min; 3 students x (2 x 4,096 +
+    # 55,000 images) ~10 min; teacher 3 x 2,048 images ~1 min and 10,000 scored ~1 min; exports,
+    # benchmark and the rest ~4 min. (A GPU affords the longer fine-tunes that recover more.)
     "full": PruneSizes(
-        sparsities=(0.5, 0.7, 0.8, 0.9), max_layer_sparsity=0.95, finetune_images=16_384, finetune_epochs=1,
-        student_ratios=(0.25, 0.5), step_images=8192, student_finetune_images=None, student_finetune_epochs=4,
-        teacher_ratio=0.35, teacher_finetune_images=3072, teacher_finetune_epochs=1, teacher_eval_images=None,
+        sparsities=(0.5, 0.7, 0.8, 0.9), max_layer_sparsity=0.95, finetune_images=12_000, finetune_epochs=1,
+        student_ratios=(0.25, 0.5), step_images=4096, student_finetune_images=None, student_finetune_epochs=1,
+        teacher_ratio=0.35, teacher_finetune_images=2048, teacher_finetune_epochs=1, teacher_eval_images=None,
         iterative_steps=3, sensitivity_layers=8, sensitivity_ratios=(0.25, 0.5, 0.75), sensitivity_images=2000,
     ),
 }
