@@ -7,10 +7,12 @@ Current paths (docs/ARCHITECTURE.md, "Current library paths"):
 - static quantization with calibration: PT2E -- ``torch.export.export``, ``prepare_pt2e`` with
   ``X86InductorQuantizer``, calibration on real images, ``convert_pt2e``, then ``torch.compile``, which
   lowers the quantize/dequantize pattern to oneDNN INT8 kernels (VNNI/AMX where the CPU has them);
-- quantization-aware training: ``prepare_qat_pt2e`` and a short fine-tune with fake quantization.
+- quantization-aware training: ``prepare_qat_pt2e`` and a short fine-tune with fake quantization
+  (:func:`qat_finetune`: distillation from the fp32 model, batch norm and observers frozen part-way).
 
 This module holds what the lesson needs around those calls: the per-profile sizes, input checks with
 clear errors, calibration, evaluation at fixed batch shapes (so that a compiled model compiles once),
+how to read the CPU's INT8 instructions (:func:`int8_instructions`, :func:`needs_reduce_range`),
 per-layer sensitivity, and saving/loading the quantized program with a verified sha256.
 """
 
@@ -50,10 +52,11 @@ class QuantSizes:
 
     name: str
     calibration_sweep: tuple[int, ...]  # calibration images tried for the student
-    teacher_eval_images: int | None  # test images for the INT8 teacher (ResNet50 is slow on 2 cores)
-    qat_steps: int  # optimisation steps of the quantization-aware fine-tune
+    teacher_eval_images: int | None  # test images for the teacher (None: the profile's whole test set)
+    qat_images: int  # training images of the student's QAT fine-tune (one pass, shuffled)
+    teacher_qat_images: int  # the same for the teacher (ResNet50 trains slowly on 2 cores)
     qat_batch_size: int
-    qat_lr: float
+    qat_lr: float  # SGD with momentum: ~1/100 of the learning rate the models were trained with
     sensitivity_images: int  # test images per layer in the sensitivity scan
     sensitivity_layers: int | None  # layers scanned (evenly spaced; None: every conv/linear)
     keep_float: int  # most sensitive layers left in float in the mixed-precision variant
@@ -62,15 +65,25 @@ class QuantSizes:
         return asdict(self)
 
 
+# Run-time estimates of the whole notebook on 2 AVX2 cores (EPYC), from its parts as measured there (workshop run
+# of 2026-12-02: each torch.compile 6-33 s, INT8 teacher ~360 test images/s, student QAT ~300 images/s; ResNet50
+# trains at ~70 images/s in fp32, ~25-35 estimated with fake quantization):
+# - smoke    ~3-4 min, over its 2-minute goal: ten torch.compile calls (each variant, batch 1 and 32) take most of
+#            it and no size shrinks them; QAT 256 + 64 images, a few seconds;
+# - workshop ~8 min: the 4.8 min measured before, plus ~3: the teacher on all 10,000 test images (INT8 static and
+#            QAT, ~1 min; fp32 logits cached by lesson 00), the 8-bit/7-bit comparison (~25 s), student QAT 4,096
+#            images (~15 s), teacher QAT 512 images (~20 s) and its compilation, both sensitivity scans (~10 s);
+# - full     ~14 min: as workshop, plus student QAT on all 55,000 training images (one epoch, ~3 min), teacher QAT
+#            2,048 images (~1.5 min), a 4-size sweep (~1 min) and the longer benchmark (~1 min).
 SIZES: dict[str, QuantSizes] = {
     "smoke": QuantSizes("smoke", calibration_sweep=(8, 32), teacher_eval_images=128,
-                        qat_steps=4, qat_batch_size=32, qat_lr=1e-4, sensitivity_images=128,
-                        sensitivity_layers=6, keep_float=2),
-    "workshop": QuantSizes("workshop", calibration_sweep=(16, 64, 256),
-                           teacher_eval_images=2000, qat_steps=100, qat_batch_size=64, qat_lr=1e-4,
-                           sensitivity_images=500, sensitivity_layers=20, keep_float=3),
-    "full": QuantSizes("full", calibration_sweep=(32, 128, 512, 1024),
-                       teacher_eval_images=None, qat_steps=400, qat_batch_size=128, qat_lr=1e-4,
+                        qat_images=256, teacher_qat_images=64, qat_batch_size=32, qat_lr=5e-4,
+                        sensitivity_images=128, sensitivity_layers=6, keep_float=2),
+    "workshop": QuantSizes("workshop", calibration_sweep=(16, 64, 256), teacher_eval_images=None,
+                           qat_images=4096, teacher_qat_images=512, qat_batch_size=64, qat_lr=5e-4,
+                           sensitivity_images=500, sensitivity_layers=None, keep_float=3),
+    "full": QuantSizes("full", calibration_sweep=(32, 128, 512, 1024), teacher_eval_images=None,
+                       qat_images=55_000, teacher_qat_images=2048, qat_batch_size=64, qat_lr=5e-4,
                        sensitivity_images=2000, sensitivity_layers=None, keep_float=3),
 }
 
@@ -204,70 +217,135 @@ def predict_fixed(fn, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def compile_int8(model: nn.Module) -> nn.Module:
-    """``torch.compile`` (static shapes) with inductor's freezing on: constant weights get folded and pre-packed.
+# CPU flags (deploylab.hardware.REPORTED_FLAGS) that give x86 an 8-bit dot product accumulating in 32 bits.
+VNNI_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
 
-    Freezing is what lets inductor turn dequantize -> conv -> quantize into one oneDNN INT8
-    convolution with packed weights (the torchao X86InductorQuantizer tutorial sets it too). We use it
-    for the fp32 baseline as well, so both sides of a comparison are compiled the same way.
+
+def int8_instructions(flags: dict[str, bool]) -> str:
+    """The best INT8 instructions in a hardware report's ``cpu_flags``: AMX, AVX-512 VNNI, AVX-VNNI, or none of them.
+
+    oneDNN's INT8 convolutions use AMX tiles where present, else VNNI (one instruction multiplies
+    uint8 by int8 and adds into int32), else AVX2's ``vpmaddubsw``, which adds pairs of products
+    into a *saturating 16-bit* integer before widening.
     """
-    import torch._inductor.config as inductor_config
+    if flags.get("amx_int8"):
+        return "AMX"
+    if flags.get("avx512_vnni"):
+        return "AVX-512 VNNI"
+    if flags.get("avx_vnni"):
+        return "AVX-VNNI"
+    return "AVX2 without VNNI" if flags.get("avx2") else "no AVX2"
 
-    inductor_config.freezing = True
-    # dynamic=False: one static graph per batch size (1 and 32 here). With automatic dynamic shapes the
-    # batch-1 graph of an INT8 model failed a stride check at run time (torch 2.14.1, torchao 0.18).
-    return torch.compile(model, dynamic=False)
+
+def needs_reduce_range(flags: dict[str, bool]) -> bool:
+    """True on a CPU without VNNI/AMX: quantize activations to 7 bits (``reduce_range=True``).
+
+    Without VNNI, two uint8 x int8 products are added in 16 bits: 2 x 255 x 127 = 64,770 overflows
+    int16 (max 32,767) and saturates; with 7-bit activations, 2 x 127 x 127 = 32,258 fits.
+    torchao's ``get_default_x86_inductor_quantization_config`` documents the same advice, and lesson
+    04 applies it to ONNX Runtime.
+    """
+    return not any(flags.get(f) for f in VNNI_FLAGS)
+
+
+def per_tensor_weights(quantization_config):
+    """``quantization_config`` with ONE scale per weight tensor instead of one per output channel (PTQ only).
+
+    For comparison: the x86 INT8 kernels want per-channel weights (inductor lowers only those to
+    oneDNN INT8 convolutions; a per-tensor model runs as dequantize + fp32 convolution), and
+    X86InductorQuantizer's QAT supports per-channel weights only (torchao 0.18).
+    """
+    import dataclasses
+
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    if quantization_config.is_qat:
+        raise QuantizationError("per-tensor weights are for PTQ here: X86InductorQuantizer's QAT is per-channel only")
+    weight = dataclasses.replace(quantization_config.weight, qscheme=torch.per_tensor_symmetric, ch_axis=None,
+                                 observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+    return dataclasses.replace(quantization_config, weight=weight)
 
 
 def allow_eval(model: nn.Module, *, exported_in_eval_mode: bool = False) -> nn.Module:
-    """Let ``.eval()`` / ``.train()`` work on a converted (exported) model, and leave it in eval mode.
+    """Let ``.eval()`` work on a converted (exported) model, and leave it in eval mode.
 
-    bench and train call ``.eval()``. torchao's first ``.eval()`` of an exported model rewrites the
-    train-mode dropout and batch-norm patterns of its graph, matching them with a strict
-    ``torch.export`` -- which calls ``torch._dynamo.reset()``: every model compiled earlier in the
-    process silently recompiles on its next call. So:
+    ``torch.export``'s ``module()`` makes ``.train()`` and ``.eval()`` raise, on purpose: the graph
+    is specialised at export time, and switching a flag would not switch batch norm or dropout
+    (https://github.com/pytorch/pytorch/issues/151726). The benchmark calls ``.eval()`` on every
+    model, so:
 
-    - a QAT model (exported in train mode) is switched to eval *here*, right after ``convert_pt2e``
-      and before anything is compiled;
-    - a PTQ model exported from ``model.eval()`` (``exported_in_eval_mode=True``) already holds the
-      eval form of those layers; it is only marked as in eval, so its ``.eval()`` is a no-op.
+    - a PTQ model exported from ``model.eval()`` (``exported_in_eval_mode=True``) already computes
+      batch norm and dropout in their inference form: it gets nn.Module's own ``eval()``, which
+      switches nothing in the graph; its ``train()`` refuses, since this graph cannot train;
+    - a QAT model (exported in train mode) gets torchao's public
+      ``allow_exported_model_train_eval`` and is switched to eval now: that rewrites the train-mode
+      batch-norm and dropout patterns, matching each with a *strict* ``torch.export``, which calls
+      ``torch._dynamo.reset()`` (torchao 0.18) -- every model compiled earlier in the process
+      recompiles silently on its next call. Do it before compiling anything.
     """
-    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    if exported_in_eval_mode:
+        def train(self, mode: bool = True):
+            if mode:
+                raise QuantizationError("this graph was exported from model.eval(): batch norm and dropout are fixed "
+                                        "in their inference form; export model.train() and use prepare_qat_pt2e to train")
+            return nn.Module.train(self, False)
 
-    allow_exported_model_train_eval(model)
-    try:
-        from torchao.quantization.pt2e.export_utils import _EXPORTED_TRAINING_ATTR
-    except ImportError:  # another torchao: fall back to the rewrite (correct, just resets dynamo once)
-        _EXPORTED_TRAINING_ATTR = None
-    if exported_in_eval_mode and _EXPORTED_TRAINING_ATTR is not None:
-        setattr(model, _EXPORTED_TRAINING_ATTR, False)
+        model.train = types.MethodType(train, model)
+        model.eval = types.MethodType(lambda self: self.train(False), model)
     else:
-        model.eval()
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+        allow_exported_model_train_eval(model)
+    model.eval()
     return model
 
 
-def qat_finetune(prepared: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int,
-                 lr: float, seed: int = 0) -> list[float]:
-    """Short fine-tune of a ``prepare_qat_pt2e`` model (fake quantization in the graph); returns the losses.
+def qat_finetune(prepared: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, lr: float,
+                 soft_targets: torch.Tensor | None = None, temperature: float = 2.0, freeze_bn_at: float = 0.5,
+                 freeze_observers_at: float = 0.75, seed: int = 0) -> list[float]:
+    """One shuffled pass over ``(x, y)`` with a ``prepare_qat_pt2e`` model; returns the loss of every step.
 
-    Plain SGD with momentum at a small learning rate: the weights are already trained, QAT only lets
-    them adapt to the rounding. (Long QAT runs also freeze BatchNorm statistics part-way; a few
-    hundred steps at this learning rate do not need it.)
+    The usual QAT recipe, scaled to a few thousand images:
+
+    - SGD with momentum at a small learning rate (~1/100 of the original training's): the weights are
+      trained already, they only adapt to the INT8 rounding;
+    - with ``soft_targets`` (the fp32 model's logits on ``x``), distillation from the fp32 model
+      (:func:`deploylab.distill.kd_loss`, ``alpha=1``: match its softened predictions, no labels): the
+      fine-tune learns to compute what the fp32 model computed, not to re-fit the labels; without
+      them, cross-entropy on ``y``;
+    - batch norm frozen after ``freeze_bn_at`` of the steps (``move_exported_model_to_eval``: the graph's
+      batch norm then uses its running statistics, as the converted model will), and the observers
+      after ``freeze_observers_at`` (``disable_observer``: the scales stop moving, so the last steps
+      train against the scales ``convert_pt2e`` will use).
+
+    The model is left in its eval form, ready for ``convert_pt2e``.
     """
-    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    from torchao.quantization.pt2e import disable_observer, move_exported_model_to_eval, move_exported_model_to_train
 
+    from .distill import kd_loss
+
+    steps = len(x) // batch_size
     if steps < 1:
-        raise ValueError(f"QAT needs at least one step, got {steps}")
-    if len(x) < batch_size:
         raise ValueError(f"QAT needs at least one full batch: {len(x)} images for batch size {batch_size}")
-    gen = torch.Generator().manual_seed(seed)
-    params = [p for p in prepared.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if soft_targets is not None and soft_targets.shape[0] != len(x):
+        raise ValueError(f"soft_targets must hold one row of logits per image: {soft_targets.shape[0]} for {len(x)}")
+    if not 0.0 <= freeze_bn_at <= freeze_observers_at <= 1.0:
+        raise ValueError("need 0 <= freeze_bn_at <= freeze_observers_at <= 1 (fractions of the steps)")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.SGD([p for p in prepared.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     losses: list[float] = []
     move_exported_model_to_train(prepared)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-        loss = F.cross_entropy(prepared(x[idx]), y[idx], label_smoothing=0.1)
+    for step in range(steps):
+        if step == int(freeze_bn_at * steps):
+            move_exported_model_to_eval(prepared)
+        if step == int(freeze_observers_at * steps):
+            prepared.apply(disable_observer)
+        idx = order[step * batch_size : (step + 1) * batch_size]
+        logits = prepared(x[idx])
+        if soft_targets is None:
+            loss = F.cross_entropy(logits, y[idx])
+        else:
+            loss = kd_loss(logits, soft_targets[idx], y[idx], temperature=temperature, alpha=1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -276,33 +354,75 @@ def qat_finetune(prepared: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps
     return losses
 
 
+def loss_trend(losses: list[float], window: int = 10) -> tuple[float, float]:
+    """Mean loss of the first and of the last ``window`` steps (one batch's loss is too noisy to compare)."""
+    if not losses:
+        raise ValueError("no losses")
+    w = max(1, min(window, len(losses) // 2 or 1))
+    return sum(losses[:w]) / w, sum(losses[-w:]) / w
+
+
+def recovered(fp32: float, before: float, after: float) -> str:
+    """What a fix (QAT, float layers) won back of the accuracy lost against fp32, as a phrase for a generated sentence.
+
+    ``fp32``, ``before`` and ``after`` are accuracies (fractions); the phrase speaks in percentage points.
+    """
+    lost, left = 100 * (fp32 - before), 100 * (fp32 - after)
+    if lost <= 0:
+        return f"there was nothing to win back ({-lost:+.2f} points against fp32 before, {-left:+.2f} after)"
+    if left >= lost:
+        return f"it won back nothing ({lost:.2f} points below fp32 before, {left:.2f} after)"
+    if left <= 0:
+        return f"it won back all {lost:.2f} points ({-left:+.2f} against fp32 after)"
+    return f"it won back {lost - left:.2f} of the {lost:.2f} points ({left:.2f} below fp32 after)"
+
+
+def top1_agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Fraction of images on which ``logits`` and ``reference`` predict the same class."""
+    if logits.shape != reference.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and reference {tuple(reference.shape)} differ in shape")
+    return (logits.argmax(1) == reference.argmax(1)).float().mean().item()
+
+
 def quantizable_layers(model: nn.Module) -> list[str]:
     """Names of the Conv2d and Linear layers, in model order (the layers INT8 kernels replace)."""
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric per-output-channel INT8 round trip of a weight (what the x86 quantizer does)."""
-    amax = w.detach().abs().flatten(1).amax(1).clamp(min=1e-12)
-    scale = amax / 127.0
-    zp = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -128, 127)
+def depthwise_layers(model: nn.Module) -> set[str]:
+    """Names of the depthwise convolutions (one filter per channel: ``groups == in_channels > 1``)."""
+    return {n for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels}
+
+
+def _fake_quant_weight(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """Symmetric INT8 round trip of a weight: one scale per output channel (the x86 quantizer's), or one per tensor."""
+    if per_channel:
+        amax = w.detach().abs().flatten(1).amax(1).clamp(min=1e-12)
+        scale = amax / 127.0
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+        return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -128, 127)
+    scale = max(w.detach().abs().max().item(), 1e-12) / 127.0
+    return torch.fake_quantize_per_tensor_affine(w, scale, 0, -128, 127)
 
 
 @torch.inference_mode()
 def layer_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, calibration: torch.Tensor,
-                      layers: list[str] | None = None) -> dict[str, float]:
+                      layers: list[str] | None = None, *, per_channel: bool = True,
+                      reduce_range: bool = False) -> dict[str, float]:
     """Accuracy of ``model`` when only ONE layer at a time runs in simulated INT8, for each of ``layers``.
 
-    "Simulated INT8" is a round trip through INT8 of the layer's weight (per channel, symmetric) and of
-    its input (per tensor, asymmetric uint8, range from ``calibration`` images) -- the scheme of the
-    x86 quantizer -- while everything else stays fp32. Cheap (fp32 eager inference), and it ranks which
-    layers lose the most when quantized.
+    "Simulated INT8" is a round trip through INT8 of the layer's weight -- with batch norm folded in, as
+    PT2E quantizes it; symmetric, per channel or per tensor -- and of its input (per tensor, asymmetric
+    uint8, 7 bits with ``reduce_range``, range from ``calibration`` images), while everything else stays
+    fp32. Cheap (fp32 eager inference), and it ranks which layers lose the most when quantized.
     """
+    from torch.fx.experimental.optimization import fuse
+
     layers = layers or quantizable_layers(model)
     if len(calibration) == 0:
         raise ValueError("layer_sensitivity needs calibration images to find activation ranges")
-    model = copy.deepcopy(model).eval()
+    model = fuse(copy.deepcopy(model).eval())  # batch norm folded into the convolutions, as PT2E folds it
     mods = dict(model.named_modules())
     unknown = [n for n in layers if n not in mods]
     if unknown:
@@ -315,16 +435,17 @@ def layer_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, calibr
     predict(model, calibration)
     for h in hooks:
         h.remove()
+    qmax = 127 if reduce_range else 255
     out = {}
     for n in layers:
         m = mods[n]
         lo, hi = ranges[n]
-        scale = max(hi - lo, 1e-8) / 255.0
+        scale = max(hi - lo, 1e-8) / qmax
         zp = int(round(-lo / scale))
         original = m.weight.data.clone()
-        m.weight.data = _fake_quant_weight(original)
+        m.weight.data = _fake_quant_weight(original, per_channel)
         h = m.register_forward_pre_hook(
-            lambda mod, args, scale=scale, zp=zp: (torch.fake_quantize_per_tensor_affine(args[0], scale, zp, 0, 255),))
+            lambda mod, args, scale=scale, zp=zp: (torch.fake_quantize_per_tensor_affine(args[0], scale, zp, 0, qmax),))
         out[n] = accuracy(predict(model, x), y)
         h.remove()
         m.weight.data = original
