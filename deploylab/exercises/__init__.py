@@ -45,6 +45,13 @@ class Exercise:
     wrong_answers: Callable[..., list[dict[str, Any]]]
 
 
+def as_number(value: Any) -> Any:
+    """A 0-d tensor or NumPy scalar as a plain Python number (answers computed with torch or NumPy); others unchanged."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value
+
+
 def registry() -> dict[str, Exercise]:
     """Every exercise of the course by name (each lesson module defines ``EXERCISE``)."""
     return {name: get(name) for name in MODULES}

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from . import Exercise, WrongAnswer
+from . import Exercise, WrongAnswer, as_number
 
 NAME = "least_pruned_layer"
 TOLERANCE = 1e-3  # kept may be rounded to three decimals
@@ -40,8 +40,7 @@ def check(answers: dict[str, Any], *, model: nn.Module) -> str:
     """The sentence printed for a right answer; :class:`WrongAnswer` with a hint otherwise."""
     kept_by_layer = kept_fractions(model)
     layer, kept = answers["least_pruned"], answers["kept"]
-    if hasattr(kept, "item") and getattr(kept, "ndim", 1) == 0:  # a 0-d tensor or NumPy scalar
-        kept = kept.item()
+    kept = as_number(kept)
     if not isinstance(layer, str) or layer not in kept_by_layer:
         raise WrongAnswer(f"least_pruned must name a Conv2d or Linear layer as prune.sparsity(model).per_layer spells it "
                           f"(e.g. {next(iter(kept_by_layer))!r}), got {layer!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import Exercise, WrongAnswer
+from . import Exercise, WrongAnswer, as_number
 
 # A rounded answer is right: two decimals of a point are what the lesson prints.
 TOLERANCE_POINTS = 0.01
@@ -30,8 +30,7 @@ def _close(a: float, b: float) -> bool:
 def check(answers: dict[str, Any], sensitivity: dict[str, float], base_accuracy: float) -> str:
     """The sentence for a right answer; :class:`WrongAnswer` with a hint otherwise."""
     layer, cost = answers["most_sensitive"], answers["cost_points"]
-    if hasattr(cost, "item") and getattr(cost, "ndim", 1) == 0:  # a 0-d tensor or NumPy scalar
-        cost = cost.item()
+    cost = as_number(cost)
     if not isinstance(layer, str) or layer not in sensitivity:
         raise WrongAnswer(f"most_sensitive must be the name of a scanned layer (a key of sensitivity, "
                           f"e.g. {next(iter(sensitivity))!r}), got {layer!r}")
