@@ -129,6 +129,28 @@ def unpack_targets(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return targets[:, :-1], targets[:, -1].round().long()
 
 
+def with_mirrored_view(x: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                       teacher_logits_hflip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every image twice, as it is and mirrored, each with the teacher's logits *of that view*.
+
+    Cached teacher logits hold for the exact pixels they were computed on: a randomly cropped or
+    flipped image gets soft targets that describe another image. Training on both cached views
+    (``assets.logits(..., view="original")`` and ``view="hflip"``) without random augmentation
+    keeps the flip augmentation and keeps every soft target true. Returns ``(images, labels,
+    teacher_logits)``, each twice as long as its input: the originals first, then the mirrors.
+    """
+    n = len(x)
+    if x.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(x.shape)}")
+    for name, t in (("labels", labels), ("teacher_logits", teacher_logits), ("teacher_logits_hflip", teacher_logits_hflip)):
+        if len(t) != n:
+            raise ValueError(f"{name} has {len(t)} rows for {n} images: they must be the same images, in the same order")
+    if teacher_logits.shape != teacher_logits_hflip.shape:
+        raise ValueError(f"the two views' logits differ in shape: {tuple(teacher_logits.shape)} "
+                         f"and {tuple(teacher_logits_hflip.shape)}")
+    return torch.cat([x, x.flip(3)]), torch.cat([labels, labels]), torch.cat([teacher_logits, teacher_logits_hflip])
+
+
 class DistillationLoss:
     """``loss_fn(logits, packed_targets)`` for :func:`deploylab.train.fit`.
 

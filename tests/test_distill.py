@@ -217,3 +217,19 @@ def test_memory_format_follows_the_model_on_a_cpu():
     assert train.memory_format_for(models.build("mobilenet_v2_x0_5"), cpu) == torch.contiguous_format
     assert train.memory_format_for(models.build("resnet50"), cpu) == torch.channels_last
     assert train.memory_format_for(models.build("mobilenet_v2_x0_5"), cuda) == torch.channels_last
+
+
+def test_with_mirrored_view_pairs_each_view_with_its_own_logits():
+    x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 3)
+    y = torch.tensor([3, 7])
+    t, t_flip = torch.randn(2, 10), torch.randn(2, 10)
+    xs, ys, ts = distill.with_mirrored_view(x, y, t, t_flip)
+    assert xs.shape == (4, 1, 2, 3) and ys.tolist() == [3, 7, 3, 7]
+    assert torch.equal(xs[:2], x) and torch.equal(xs[2:], x.flip(3)) and not torch.equal(xs[2:], x)
+    assert torch.equal(ts[:2], t) and torch.equal(ts[2:], t_flip)
+    with pytest.raises(ValueError, match="same images"):
+        distill.with_mirrored_view(x, y[:1], t, t_flip)
+    with pytest.raises(ValueError, match="differ in shape"):
+        distill.with_mirrored_view(x, y, t, t_flip[:, :5])
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        distill.with_mirrored_view(x[:, 0], y, t, t_flip)
