@@ -1,12 +1,13 @@
 """Self-checked exercises: the learner's answer is checked, never overwritten.
 
 Each lesson's exercise lives in a module of this package (``baseline``, ``quantization``,
-``pruning``, ``distillation``) as one :class:`Exercise`: a ``check`` that raises
-:class:`WrongAnswer` with a hint when an answer is wrong, and a ``solution`` that computes the
-right answer from the same inputs. A notebook's self-check cell calls :func:`check`; the
-solution is printed on demand by :func:`show_solution`, so "run all" never replaces what the
-learner wrote. ``tests/test_exercises.py`` runs every check against its solution (must pass) and
-against a wrong answer (must fail), on small real inputs that each exercise builds itself.
+``pruning``, ``distillation``, ``onnx_export``, ``serving``, ``container``, ``decision``,
+``scale_out``) as one :class:`Exercise`: a ``check`` that raises :class:`WrongAnswer` with a hint
+when an answer is wrong, and a ``solution`` that computes the right answer from the same inputs.
+A notebook's self-check cell calls :func:`check`; the solution is printed on demand by
+:func:`show_solution`, so "run all" never replaces what the learner wrote.
+``tests/test_exercises.py`` runs every check against its solution (must pass) and against wrong
+answers (must fail), on small real inputs that each exercise builds itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 # exercise name -> the module of this package that defines it
 MODULES = {"worst_class": "baseline", "most_sensitive_layer": "quantization", "least_pruned_layer": "pruning",
-           "dark_knowledge": "distillation"}
+           "dark_knowledge": "distillation", "portable_graph": "onnx_export", "jpeg_disagreements": "serving",
+           "docker_run_args": "container", "cheap_and_good": "decision", "replicas_for_target": "scale_out"}
 
 
 class WrongAnswer(AssertionError):
