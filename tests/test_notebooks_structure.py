@@ -2,8 +2,8 @@
 
 Checked on the committed .ipynb files, without running them (nbval runs them): an intro stating
 what it teaches, the time per profile and what it needs; the banner as the first code cell; the
-"Python (deploylab)" kernel; takeaways; an exercise with a self-check (deploylab.exercises, or a
-hidden solution and an asserting self-check); and, when committed with outputs, outputs of a workshop or full run without tracebacks.
+"Python (deploylab)" kernel; takeaways; an exercise whose self-check calls deploylab.exercises; and,
+when committed with outputs, outputs of a workshop or full run without tracebacks.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def test_kernelspec_is_deploylab(nb):
 
 
 def test_takeaways_and_an_exercise_with_a_self_check(nb):
-    """Lessons with a `deploylab.exercises` entry call its check (tests/test_exercises.py proves it can fail)
-    and print their solution on demand; the others still carry a hidden solution cell and an asserting self-check."""
+    """Every lesson's exercise is a `deploylab.exercises` entry: its self-check calls the check (tests/test_exercises.py
+    proves it can fail), the markdown says how to print the solution, and no solution cell overwrites the answer."""
     from deploylab import exercises
 
     path, book = nb
@@ -89,17 +89,14 @@ def test_takeaways_and_an_exercise_with_a_self_check(nb):
     checks = [c for c in after if c["cell_type"] == "code" and _src(c).lstrip().lower().startswith("# self-check")]
     assert checks, f"{path.name}: the exercise has no '# Self-check' cell"
     registered = [name for name in exercises.MODULES if exercises.get(name).lesson == path.stem]
-    if registered:
-        assert any(f'exercises.check("{registered[0]}"' in _src(c) for c in checks), \
-            f"{path.name}: the self-check must call exercises.check({registered[0]!r}, ...)"
-        assert any(f'exercises.show_solution("{registered[0]}")' in _src(c) for c in cells if c["cell_type"] == "markdown"), \
-            f"{path.name}: the exercise must say how to print its solution"
-        solutions = [c for c in after if c["cell_type"] == "code" and _src(c).lstrip().lower().startswith("# solution")]
-        assert not solutions, f"{path.name}: a solution code cell would overwrite the learner's answer"
-        return
-    hidden = [c for c in after if c["cell_type"] == "code" and c.get("metadata", {}).get("jupyter", {}).get("source_hidden")]
-    assert hidden, f"{path.name}: the exercise has no solution cell hidden with metadata {{'jupyter': {{'source_hidden': true}}}}"
-    assert any(re.search(r"^\s*assert\b", _src(c), re.M) for c in checks), f"{path.name}: the self-check cell asserts nothing"
+    assert len(registered) == 1, f"{path.name}: its exercise needs one entry in deploylab.exercises.MODULES, found {registered}"
+    assert any(f'exercises.check("{registered[0]}"' in _src(c) for c in checks), \
+        f"{path.name}: the self-check must call exercises.check({registered[0]!r}, ...)"
+    assert any(f'exercises.show_solution("{registered[0]}")' in _src(c) for c in cells if c["cell_type"] == "markdown"), \
+        f"{path.name}: the exercise must say how to print its solution"
+    solutions = [c for c in after if c["cell_type"] == "code"
+                 and (_src(c).lstrip().lower().startswith("# solution") or c.get("metadata", {}).get("jupyter", {}).get("source_hidden"))]
+    assert not solutions, f"{path.name}: a solution code cell would overwrite the learner's answer"
 
 
 def test_committed_outputs_are_not_smoke_runs_and_hold_no_traceback(nb):
