@@ -38,12 +38,11 @@ def check(answers: dict[str, Any], *, target_rate: float, replica_rate: float, p
 
 
 def example_inputs() -> dict[str, Any]:
-    """Rates from the committed workshop run of lesson 08 (1 and 2 replicas at concurrency 32), the lesson's target."""
+    """The per-core rates recorded by the committed workshop run of lesson 08, and the lesson's target."""
     from deploylab import results
 
-    by = {r["variant"]: r for r in results.read_results("workshop") if r["lesson"] == "scale_out"}
-    return {"target_rate": 1000, "replica_rate": by["ray serve, 1 replica(s) c32"]["throughput"]["1"],
-            "proxy_rate": by["ray serve, 2 replica(s) c32"]["throughput"]["1"]}
+    ray = next(r["ray"] for r in results.read_results("workshop") if r["lesson"] == "scale_out" and "ray" in r)
+    return {"target_rate": 1000, "replica_rate": ray["rate_per_core"]["replicas"], "proxy_rate": ray["rate_per_core"]["proxy"]}
 
 
 def wrong_answers(answers: dict[str, Any], **inputs: Any) -> list[dict[str, Any]]:
