@@ -336,6 +336,20 @@ def storage_sizes(model: nn.Module) -> dict[str, int]:
 # --------------------------------------------------------------------------- structured
 
 
+def channel_multiple(flags: Mapping[str, bool]) -> int:
+    """Channel counts a pruned layer should keep a multiple of on this CPU: its fp32 vector width.
+
+    ONNX Runtime's x86 convolutions (and oneDNN's) store activations in channel blocks as wide as a
+    vector register: 16 floats with AVX-512, 8 with AVX2. A layer whose channel count is not a
+    multiple of the block is padded up to one, so the padded channels cost time and buy nothing.
+    Measured on 2 AVX-512 cores (AMD EPYC, 2026-12-06, ONNX Runtime, batch 32, no fine-tune):
+    the student with 50% of its channels removed ran in 1.08 ms rounded to 16 against 1.33 ms
+    rounded to 8 (dense 2.12 ms), although rounding to 16 keeps more MACs. ``flags`` is a hardware
+    report's ``cpu_flags``.
+    """
+    return 16 if flags.get("avx512f") else 8
+
+
 def classifier(model: nn.Module) -> nn.Linear:
     """The final Linear layer: its 10 outputs are the classes and must never be pruned."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]

@@ -265,3 +265,9 @@ def test_finetune_steps_match_the_batch_size():
     assert prune.finetune_steps(4096, 1) == 32
     assert prune.finetune_steps(55_000, 4) == 4 * 430
     assert prune.finetune_steps(64, 1) == 8
+
+
+def test_channel_multiple_is_the_fp32_vector_width_of_the_cpu():
+    assert prune.channel_multiple({"avx2": True, "avx512f": True}) == 16
+    assert prune.channel_multiple({"avx2": True, "avx512f": False}) == 8
+    assert prune.channel_multiple({}) == 8
