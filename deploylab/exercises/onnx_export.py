@@ -53,7 +53,8 @@ def check(answers: dict[str, Any], *, student_onnx: Path, x: torch.Tensor, refer
     if specific:
         raise WrongAnswer(f"not portable: {', '.join(specific)} run only on CPUs like this one; "
                           "save at optimization='extended', not 'all'")
-    if described["nodes"] >= export.describe(student_onnx)["nodes"]:
+    exported_nodes = export.describe(student_onnx)["nodes"]
+    if described["nodes"] >= exported_nodes:
         raise WrongAnswer("the saved graph has as many nodes as the export: it was not optimized "
                           "(optimization='disable' or 'basic' saves little or nothing)")
     if not isinstance(parity, export.Parity):
@@ -67,7 +68,7 @@ def check(answers: dict[str, Any], *, student_onnx: Path, x: torch.Tensor, refer
         raise WrongAnswer(f"opened with optimizations disabled, the saved graph disagrees with PyTorch "
                           f"(max |diff| {again.max_abs_diff:.1e}): is it the student's graph?")
     return (f"{len(ops)} op types, {described['nodes']} nodes (the export has "
-            f"{export.describe(student_onnx)['nodes']}), top-1 agreement {parity.top1_agreement:.2%} with PyTorch")
+            f"{exported_nodes}), top-1 agreement {parity.top1_agreement:.2%} with PyTorch")
 
 
 def example_inputs() -> dict[str, Any]:
