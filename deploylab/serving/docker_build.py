@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import config
 from . import torchserve
-from .engine import LABEL, ContainerError, docker, docker_bin, image_id, image_size
+from .engine import BASE_IMAGE, LABEL, ContainerError, docker, docker_bin, image_id, image_size
 
 IMAGE = "deploylab-serve"  # tagged with the profile name: deploylab-serve:smoke, :workshop, :full
 DOCKER_DIR = config.ROOT / "docker"
@@ -113,15 +113,18 @@ def build_env() -> dict[str, str]:
 
 
 def build_image(tag: str, *, build_args: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
-                timeout_s: float = 1800.0, progress: bool = True) -> BuildResult:
-    """``docker build -f docker/Dockerfile -t <tag> <repository root>``; the log goes to ``log_path``.
+                timeout_s: float = 1800.0, progress: bool = True,
+                dockerfile: str | os.PathLike = DOCKERFILE) -> BuildResult:
+    """``docker build -f <dockerfile> -t <tag> <repository root>``; the log goes to ``log_path``.
 
-    With ``progress``, each ``Step n/m`` line is printed as it starts (the full log stays in the file).
+    The base is the kit's local image (``--build-arg BASE_IMAGE=`` :data:`~deploylab.serving.engine.BASE_IMAGE`)
+    unless ``build_args`` names another (``{"BASE_IMAGE": "debian:bookworm-slim"}`` where a registry is
+    reachable). With ``progress``, each ``Step n/m`` line is printed as it starts (the full log stays in the file).
     """
     log_path = Path(log_path or config.ROOT / "build" / f"docker-build-{tag.replace(':', '-')}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [docker_bin() or "docker", "build", "-f", str(DOCKERFILE), "-t", tag, "--label", LABEL]
-    for k, v in (build_args or {}).items():
+    cmd = [docker_bin() or "docker", "build", "-f", str(dockerfile), "-t", tag, "--label", LABEL]
+    for k, v in {"BASE_IMAGE": BASE_IMAGE, **(build_args or {})}.items():
         cmd += ["--build-arg", f"{k}={v}"]
     cmd.append(str(config.ROOT))
     t0 = time.perf_counter()

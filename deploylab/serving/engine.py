@@ -2,9 +2,10 @@
 
 - :func:`ensure_engine` -- a reachable Docker engine; as root, ``dockerd`` is started when it is
   installed but not running (the course's lab machines), logging to ``logs/dockerd.log``.
-- :func:`ensure_base_image` -- ``debian:bookworm-slim`` from the local image store; where no
-  registry is reachable a stand-in is made with ``debootstrap --variant=minbase`` and
-  ``docker import``, tagged with that exact name so ``docker/Dockerfile`` stays unchanged.
+- :func:`ensure_base_image` -- the local base image the kit builds FROM: where no registry is
+  reachable, a stand-in for ``debian:bookworm-slim`` made with ``debootstrap --variant=minbase`` and
+  ``docker import``, under its own name (:data:`BASE_IMAGE`, never the official one's, which it
+  would shadow on the user's host); the Dockerfiles take it as their ``BASE_IMAGE`` build argument.
 - :func:`docker` -- run one ``docker`` command, its failure a :class:`ContainerError` with the message.
 """
 
@@ -19,7 +20,10 @@ from pathlib import Path
 
 from .. import config
 
-BASE_IMAGE = "debian:bookworm-slim"
+# The debootstrap stand-in's own name; the Dockerfiles default to the official image (OFFICIAL_BASE) and
+# get this one through --build-arg BASE_IMAGE=... (docker_build.build_image, compose.yaml's build args).
+BASE_IMAGE = "deploylab-debian:bookworm-slim"
+OFFICIAL_BASE = "debian:bookworm-slim"
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 LABEL = "org.deploylab.lesson=06"  # on every container and image made here, so leftovers can be found
@@ -121,11 +125,19 @@ path-exclude /usr/share/lintian/*
 path-exclude /usr/share/linda/*
 path-exclude /usr/share/locale/*
 """
+# And what Debian's official images set for apt (/etc/apt/apt.conf.d/docker-clean): no package caches
+# (pkgcache.bin, srcpkgcache.bin: ~80 MB after an `apt-get update`) and no downloaded .debs in a layer.
+_APT_RM = 'rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true'
+SLIM_APT_CLEAN = f"""DPkg::Post-Invoke {{ "{_APT_RM}"; }};
+APT::Update::Post-Invoke {{ "{_APT_RM}"; }};
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+"""
 
 
 def _trim_rootfs(root: Path) -> None:
     """Remove what a slim image does not carry: downloaded .debs, apt lists, man pages, locales, docs."""
-    for pattern in ("var/cache/apt/archives/*.deb", "var/lib/apt/lists/*_*"):
+    for pattern in ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*_*"):
         for p in root.glob(pattern):
             p.unlink()
     for sub in ("usr/share/man", "usr/share/locale", "usr/share/info"):
@@ -140,17 +152,20 @@ def ensure_base_image(tag: str = BASE_IMAGE, *, suite: str = DEBIAN_SUITE, mirro
                       timeout_s: float = 900.0) -> bool:
     """Make ``tag`` exist locally; returns True if it had to be built here.
 
-    Where a registry is reachable, ``docker pull debian:bookworm-slim`` is the normal way; this
-    function does not pull (the course's machines reach no registry). It builds a stand-in with
-    ``debootstrap --variant=minbase`` (needs root and the ``debootstrap`` package), trims it the
-    way Debian's slim images are trimmed, and imports it with ``docker import`` under ``tag``.
+    Where a registry is reachable, ``docker pull debian:bookworm-slim`` is the normal way (then build
+    with ``--build-arg BASE_IMAGE=debian:bookworm-slim``); this function does not pull (the course's
+    machines reach no registry). It builds a stand-in with ``debootstrap --variant=minbase`` (needs
+    root and the ``debootstrap`` package), trims it the way Debian's slim images are trimmed, and
+    imports it with ``docker import`` under ``tag`` -- its own name, so that an official
+    ``debian:bookworm-slim`` on the same host is neither shadowed nor replaced.
     """
     if image_id(tag):
         return False
     debootstrap = shutil.which("debootstrap") or ("/usr/sbin/debootstrap" if Path("/usr/sbin/debootstrap").exists() else None)
     if debootstrap is None or os.geteuid() != 0:
-        raise ContainerError(f"no local image {tag}: `docker pull {tag}`, or as root with `apt-get install debootstrap` "
-                             "let deploylab build a stand-in (python -m deploylab.serving.container base-image)")
+        raise ContainerError(f"no local image {tag}: as root with `apt-get install debootstrap` let deploylab build it "
+                             "(python -m deploylab.serving.container base-image), or `docker pull "
+                             f"{OFFICIAL_BASE}` and build with --build-arg BASE_IMAGE={OFFICIAL_BASE}")
     with tempfile.TemporaryDirectory(prefix="deploylab-rootfs-") as tmp:
         root = Path(tmp) / "rootfs"
         done = subprocess.run([debootstrap, "--variant=minbase", suite, str(root), mirror],
@@ -159,6 +174,7 @@ def ensure_base_image(tag: str = BASE_IMAGE, *, suite: str = DEBIAN_SUITE, mirro
             raise ContainerError(f"debootstrap failed ({done.returncode}): {done.stdout[-1000:]}{done.stderr[-1000:]}")
         (root / "etc/dpkg/dpkg.cfg.d").mkdir(parents=True, exist_ok=True)
         (root / "etc/dpkg/dpkg.cfg.d/docker-slim").write_text(SLIM_DPKG_EXCLUDES)
+        (root / "etc/apt/apt.conf.d/docker-clean").write_text(SLIM_APT_CLEAN)
         _trim_rootfs(root)
         tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
         imp = subprocess.run([docker_bin() or "docker", "import", "--change", 'CMD ["bash"]', "-", tag],
