@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from . import config
+
+
+def _interrupt_on_ctrl_c() -> None:
+    """Make Ctrl-C (SIGINT) raise KeyboardInterrupt, whatever disposition the process inherited.
+
+    A background job of a non-interactive shell (``nohup make test &``, some CI runners) starts with
+    SIGINT ignored, and Python installs its KeyboardInterrupt handler only when SIGINT is not ignored
+    at start: without this, `deploylab serve` would ignore Ctrl-C there and keep TorchServe running.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -67,7 +78,6 @@ def _serve(args: argparse.Namespace) -> int:
     import json
     import shlex
     import shutil
-    import signal
     import tempfile
     import time
     from pathlib import Path
@@ -174,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_bundle)
 
     args = parser.parse_args(argv)
+    _interrupt_on_ctrl_c()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)

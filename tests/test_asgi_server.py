@@ -260,3 +260,56 @@ def test_a_missing_worker_statistics_file_is_an_error_not_a_partial_count(onnx_p
         s.final_stats()
     with pytest.raises(ValueError, match="processes"):
         asgi.AsgiServer(onnx_path, processes=0)
+
+
+def _exchange(port: int, request: bytes, timeout_s: float = 10.0) -> bytes:
+    """Send raw bytes on a new connection; everything the server answers until it closes (or ``timeout_s``)."""
+    import socket
+    import time
+
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(request)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+def _head(server, extra: str, target: str = "/ping", method: str = "GET") -> bytes:
+    return (f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.key()}\r\n{extra}\r\n").encode()
+
+
+def test_a_request_with_content_length_and_transfer_encoding_is_refused_and_the_connection_closed(server):
+    """The request-smuggling shape: a body framed one way by the length, another by the chunks. The
+    smuggled second request (a /ping inside the body) must never be answered."""
+    smuggled = _head(server, "")
+    body = b"0\r\n\r\n" + smuggled
+    request = _head(server, f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\nTransfer-Encoding: chunked\r\n",
+                    "/predictions/student", "POST") + body
+    answer = _exchange(server.port, request)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b"Content-Length and Transfer-Encoding" in answer and answer.count(b"HTTP/1.1 ") == 1, answer[:600]
+
+
+@pytest.mark.parametrize("encoding", ["chunked, identity", "chunked\x0b", "identity"])
+def test_an_obfuscated_transfer_encoding_is_refused(server, encoding):
+    request = _head(server, f"Content-Type: image/png\r\nTransfer-Encoding: {encoding}\r\n", "/predictions/student", "POST")
+    answer = _exchange(server.port, request + b"0\r\n\r\n" + _head(server, ""))
+    assert answer[:12] in (b"HTTP/1.1 400", b"HTTP/1.1 501"), answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer[:600]
+
+
+def test_oversized_headers_are_refused_with_431(server):
+    from deploylab.serving.header_timeout import MAX_HEADER_BYTES
+
+    answer = _exchange(server.port, _head(server, f"X-Big: {'a' * (70 * 1024)}\r\n"))  # one write: h11 alone read it whole
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:300]
+    ok = _exchange(server.port, _head(server, f"X-Fits: {'a' * (MAX_HEADER_BYTES // 2)}\r\nConnection: close\r\n"))
+    assert ok.startswith(b"HTTP/1.1 200"), ok[:300]

@@ -4,6 +4,9 @@ Starts the CLI exactly as a user would (`deploylab serve --profile smoke`), read
 the key file and the curl command it prints, predicts one real test image with the printed token,
 renews the inference token through TorchServe's token API, sends SIGINT, and checks that the
 command exits 0 and leaves no TorchServe process (Java frontend or Python worker) behind.
+
+The CLI is started with SIGINT *ignored*, as a background job of a non-interactive shell starts
+(`nohup make test &`, some CI runners): Ctrl-C must stop it whatever disposition it inherited.
 """
 
 from __future__ import annotations
@@ -49,12 +52,18 @@ def _torchserve_processes(workdir: str) -> list[psutil.Process]:
     return found
 
 
+def _ignore_sigint() -> None:
+    """In the child before exec: SIGINT ignored, as a background job of a non-interactive shell inherits it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.fixture
 def cli_server():
     """The CLI running in its own process group; yields (process, lines read so far, reader)."""
     env = {**os.environ, "DEPLOYLAB_PROFILE": "smoke", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "deploylab.cli", "serve", "--profile", "smoke"], cwd=config.ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_ignore_sigint)
     lines: list[str] = []
 
     def read() -> None:
@@ -141,3 +150,10 @@ def test_cli_serve_predicts_with_the_printed_token_and_stops_on_ctrl_c(cli_serve
     assert not _torchserve_processes(workdir), "a TorchServe process of this server is still running"
     with pytest.raises(httpx.HTTPError):
         httpx.post(url, content=protocol.png_bytes(image), headers={"Authorization": f"Bearer {token}"}, timeout=5)
+
+
+def test_the_cli_is_started_as_a_background_job_would_be():
+    """The fixture's child really starts with SIGINT ignored (else the test above would not cover that case)."""
+    out = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"],
+                         capture_output=True, text=True, preexec_fn=_ignore_sigint, timeout=60, check=True).stdout
+    assert out.strip() == "True", out

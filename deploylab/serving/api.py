@@ -9,6 +9,7 @@ this one client. It talks to loopback only.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -22,18 +23,37 @@ class Client:
     """Calls the inference, management and metrics APIs with the right bearer token each.
 
     Thread-safe (one ``httpx.Client`` with a connection pool), so the load generator shares it.
+    Keys that expire (TorchServe's, after ``token_expiration_min``): given ``renew``, a callable that
+    returns the current ``{"inference": key, "management": key}`` (renewing them if it must), a
+    request refused for its token is sent once more with the renewed key.
     """
 
     def __init__(self, inference_url: str, management_url: str, metrics_url: str, *, inference_key: str | None,
-                 management_key: str | None, timeout_s: float = 30.0, max_connections: int = 64):
+                 management_key: str | None, timeout_s: float = 30.0, max_connections: int = 64,
+                 renew: Callable[[], dict[str, str]] | None = None):
         for url in (inference_url, management_url, metrics_url):
             if not url.startswith(("http://127.0.0.1:", "http://localhost:", "http://[::1]:")):
                 raise ValueError(f"this client only talks to a server on loopback, not {url}")
         self.inference_url, self.management_url, self.metrics_url = inference_url, management_url, metrics_url
-        self._inference_headers = {"Authorization": f"Bearer {inference_key}"} if inference_key else {}
-        self._management_headers = {"Authorization": f"Bearer {management_key}"} if management_key else {}
+        self._set_keys({"inference": inference_key, "management": management_key})
+        self.renew, self.renewals = renew, 0
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self.http = httpx.Client(timeout=timeout_s, limits=limits, trust_env=False)
+
+    def _set_keys(self, keys: dict[str, str | None]) -> None:
+        self._inference_headers = {"Authorization": f"Bearer {keys['inference']}"} if keys.get("inference") else {}
+        self._management_headers = {"Authorization": f"Bearer {keys['management']}"} if keys.get("management") else {}
+
+    def _send(self, method: str, url: str, api: str, headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+        """One request with the ``api``'s key ("inference" or "management"); renewed once if its key is refused."""
+        for attempt in (0, 1):
+            keyed = {**(self._inference_headers if api == "inference" else self._management_headers), **(headers or {})}
+            r = self.http.request(method, url, headers=keyed, **kwargs)
+            if attempt or self.renew is None or not token_refused(r):
+                return r
+            self._set_keys(self.renew())
+            self.renewals += 1
+        return r
 
     def close(self) -> None:
         self.http.close()
@@ -45,7 +65,7 @@ class Client:
         self.close()
 
     def ping(self) -> dict[str, Any]:
-        r = self.http.get(f"{self.inference_url}/ping", headers=self._inference_headers)
+        r = self._send("GET", f"{self.inference_url}/ping", "inference")
         r.raise_for_status()
         return r.json()
 
@@ -55,10 +75,8 @@ class Client:
             body, content_type = json.dumps(body).encode(), content_type or "application/json"
         elif isinstance(body, str):
             body = body.encode()
-        headers = dict(self._inference_headers)
-        if content_type:
-            headers["Content-Type"] = content_type
-        return self.http.post(f"{self.inference_url}/predictions/{model}", content=body, headers=headers)
+        headers = {"Content-Type": content_type} if content_type else {}
+        return self._send("POST", f"{self.inference_url}/predictions/{model}", "inference", headers, content=body)
 
     def top1(self, model: str, image: np.ndarray) -> int:
         """The served top-1 class index of one uint8 image (sent as PNG); raises on a non-200 answer."""
@@ -69,7 +87,7 @@ class Client:
 
     def describe(self, model: str) -> dict[str, Any]:
         """The management API's description of ``model`` (workers with pid and status, batch size...)."""
-        r = self.http.get(f"{self.management_url}/models/{model}", headers=self._management_headers)
+        r = self._send("GET", f"{self.management_url}/models/{model}", "management")
         r.raise_for_status()
         return r.json()[0]
 
@@ -86,16 +104,20 @@ class Client:
         """``PUT /models/<model>?min_worker=..&synchronous=true`` (allowed with the model API off)."""
         params = {"min_worker": min_workers, "max_worker": max_workers or min_workers, "synchronous": "true",
                   "timeout": int(timeout_s)}
-        r = self.http.put(f"{self.management_url}/models/{model}", params=params, headers=self._management_headers,
-                          timeout=timeout_s + 10)
+        r = self._send("PUT", f"{self.management_url}/models/{model}", "management", params=params, timeout=timeout_s + 10)
         r.raise_for_status()
         return r.json()
 
     def metrics(self) -> str:
         """The metrics endpoint's Prometheus text."""
-        r = self.http.get(f"{self.metrics_url}/metrics", headers=self._management_headers)
+        r = self._send("GET", f"{self.metrics_url}/metrics", "management")
         r.raise_for_status()
         return r.text
+
+
+def token_refused(r: httpx.Response) -> bool:
+    """The server refused the request's bearer token: 401, or TorchServe's 400 "Token Authorization failed"."""
+    return r.status_code == 401 or (r.status_code == 400 and "token" in r.text.lower())
 
 
 def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:

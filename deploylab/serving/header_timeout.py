@@ -1,4 +1,4 @@
-"""A deadline for request headers, which uvicorn does not have.
+"""A deadline for request headers, which uvicorn does not have, and strict request framing.
 
 uvicorn closes a connection that stays idle after a response (``timeout_keep_alive``), but not one
 that is sending its request headers: a client that sends them one byte at a time (slowloris), or
@@ -10,11 +10,23 @@ in the app (``http_input.BODY_TIMEOUT_S``), where a 408 can still be sent.
 connection opens, or a response is complete and the next request may start, the request's headers
 must be complete within ``seconds``, else the connection is closed (no response is possible: h11,
 like HTTP, answers only a request it has read).
+
+The same protocol refuses, with a 4xx and ``Connection: close``, what h11 lets through:
+
+- request headers larger than :data:`MAX_HEADER_BYTES` (431): h11 bounds only a header block that
+  arrives in pieces, so a 70 KB header line sent in one write was read whole;
+- a request with both ``Content-Length`` and ``Transfer-Encoding`` (400): h11 frames it by the
+  chunked encoding, a proxy in front may frame it by the length, and the rest of the body becomes a
+  second, smuggled request. RFC 9112 section 6.3 allows treating it as an error; we do, and close.
+  (h11 already refuses any ``Transfer-Encoding`` other than exactly ``chunked``, and a malformed
+  ``Content-Length``.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 
 import h11
@@ -23,6 +35,41 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger(__name__)
 
 HEADER_TIMEOUT_S = 10.0
+MAX_HEADER_BYTES = 16 * 1024  # request target and header fields together; nginx's default allows 8 KB a line
+
+
+class FramingError(Exception):
+    """A request this server refuses to frame: its status and a message for the client.
+
+    Not an ``h11.RemoteProtocolError``: uvicorn would catch that and answer its generic 400.
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class StrictConnection(h11.Connection):
+    """h11's server connection that refuses oversized headers and ambiguous framing (module docstring)."""
+
+    max_header_bytes = MAX_HEADER_BYTES
+
+    def next_event(self):  # type: ignore[override]
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            check_framing(event, self.max_header_bytes)
+        return event
+
+
+def check_framing(request: h11.Request, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+    """Raise :class:`FramingError` for headers over ``max_header_bytes`` or both Content-Length and Transfer-Encoding."""
+    size = len(request.method) + len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
+    if size > max_header_bytes:
+        raise FramingError(f"request headers too large: {size} bytes, at most {max_header_bytes}", status=431)
+    names = {name for name, _ in request.headers}  # h11 gives them lower-cased
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise FramingError("a request may not carry both Content-Length and Transfer-Encoding (RFC 9112, 6.3)",
+                           status=400)
 
 
 def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type[H11Protocol]:
@@ -39,11 +86,32 @@ def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type[H11Protoc
         header_timeout_s = float(seconds)
         _header_deadline: asyncio.TimerHandle | None = None
 
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.conn = StrictConnection(h11.SERVER, self.conn._max_incomplete_event_size)
+
+        def handle_events(self) -> None:
+            try:
+                self._handle_events()
+            except FramingError as e:
+                log.info("refused a request from %s: %s", self.client, e)
+                self._refuse(e.status, str(e))
+
+        def _refuse(self, status: int, message: str) -> None:
+            """Answer ``status`` with ``message`` as JSON, then close: what follows on this connection is not trusted."""
+            body = json.dumps({"code": status, "type": "BadRequest", "message": message}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            with contextlib.suppress(h11.LocalProtocolError):  # the state machine refused: close without an answer
+                self.transport.write(self.conn.send(h11.Response(status_code=status, headers=headers)))
+                self.transport.write(self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage()))
+            self.transport.close()
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm_header_deadline()
 
-        def handle_events(self) -> None:
+        def _handle_events(self) -> None:
             super().handle_events()
             if self.conn.their_state is not h11.IDLE:  # a request's headers have been read
                 self._cancel_header_deadline()

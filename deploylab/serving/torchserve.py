@@ -22,9 +22,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -267,7 +269,7 @@ class TorchServe:
 
     def __init__(self, store: str | os.PathLike, models: dict[str, str], *, workdir: str | os.PathLike | None = None,
                  token_auth: bool = True, start_timeout_s: float = 120.0, max_request_size: int = 1 << 20,
-                 job_queue_size: int = JOB_QUEUE_SIZE):
+                 job_queue_size: int = JOB_QUEUE_SIZE, token_expiration_min: float | None = None):
         self.store = Path(store)
         self.models = dict(models)  # name -> archive file name in store
         for mar in self.models.values():
@@ -280,6 +282,7 @@ class TorchServe:
         if job_queue_size < 1:
             raise ValueError(f"job_queue_size must be >= 1, got {job_queue_size}")
         self.job_queue_size = job_queue_size
+        self.token_expiration_min = token_expiration_min  # None: TorchServe's 60 minutes
         self.ports: dict[str, int] = {}
         self.process = ServerProcess("TorchServe", self.log_dir / "torchserve.stdout.log", secrets=[self.key_file])
 
@@ -318,8 +321,9 @@ class TorchServe:
         self.ports["worker_base"] = 20000 + (os.getpid() * 97 + p[0]) % 30000  # worker sockets: avoid other instances
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "tmp").mkdir(exist_ok=True)
+        extra = {} if self.token_expiration_min is None else {"token_expiration_min": f"{self.token_expiration_min:g}"}
         self.config_file.write_text(config_properties(self.ports, self.store, max_request_size=self.max_request_size,
-                                                        job_queue_size=self.job_queue_size))
+                                                        job_queue_size=self.job_queue_size, extra=extra))
         cmd = [_bin("torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(self.config_file),
                "--model-store", str(self.store), "--models", *[f"{n}={m}" for n, m in self.models.items()]]
         if not self.token_auth:
@@ -357,12 +361,45 @@ class TorchServe:
             return {}
         if not self.key_file.is_file():
             raise ServeError(f"no key file {self.key_file}: is TorchServe running with token authorization?")
-        keys = json.loads(self.key_file.read_text())
+        keys = self._read_key_file()
         return {"inference": keys["inference"]["key"], "management": keys["management"]["key"]}
 
+    def _read_key_file(self, attempts: int = 20) -> dict[str, Any]:
+        """key_file.json, decoded; read again shortly if caught half written (TorchServe rewrites it in
+        place, truncate then write, when a key is renewed)."""
+        for attempt in range(attempts):
+            try:
+                return json.loads(self.key_file.read_text())
+            except ValueError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.05)
+        raise AssertionError("unreachable")
+
+    def renewed_tokens(self, margin_s: float = 2.0) -> dict[str, str]:
+        """The current keys, each renewed first with the API key if it expires within ``margin_s``.
+
+        TorchServe's inference and management keys expire (``token_expiration_min``, 60 by default);
+        its token API (``GET /token?type=inference`` on the management port, authorized by the API
+        key, which never expires) replaces one and rewrites the key file. Clients call this when a
+        key is refused (``Client(renew=...)``).
+        """
+        if not self.token_auth:
+            return {}
+        keys = self._read_key_file()
+        soon = datetime.now(timezone.utc) + timedelta(seconds=margin_s)
+        for kind in ("inference", "management"):
+            if datetime.fromisoformat(keys[kind]["expiration time"].replace("Z", "+00:00")) <= soon:
+                r = httpx.get(f"{self.url('management')}/token", params={"type": kind},
+                              headers={"Authorization": f"Bearer {keys['API']['key']}"}, timeout=10, trust_env=False)
+                if r.status_code != 200:
+                    raise ServeError(f"TorchServe refused to renew the {kind} key: {r.status_code} {r.text[:200]}")
+        return self.tokens()
+
     def client(self, timeout_s: float = 30.0, **kwargs: Any) -> Client:
-        """An authenticated :class:`~deploylab.serving.api.Client` for this server."""
+        """An authenticated :class:`~deploylab.serving.api.Client` for this server; it renews expired keys."""
         t = self.tokens()
+        kwargs.setdefault("renew", self.renewed_tokens if self.token_auth else None)
         return Client(self.url("inference"), self.url("management"), self.url("metrics"),
                       inference_key=t.get("inference"), management_key=t.get("management"), timeout_s=timeout_s, **kwargs)
 
