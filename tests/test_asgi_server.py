@@ -313,3 +313,53 @@ def test_oversized_headers_are_refused_with_431(server):
     assert answer.startswith(b"HTTP/1.1 431"), answer[:300]
     ok = _exchange(server.port, _head(server, f"X-Fits: {'a' * (MAX_HEADER_BYTES // 2)}\r\nConnection: close\r\n"))
     assert ok.startswith(b"HTTP/1.1 200"), ok[:300]
+
+
+def test_an_idle_kept_alive_connection_outlives_the_header_timeout_and_a_slow_next_request_does_not(server):
+    """The keep-alive race behind 07's status 0: the header deadline used to start when a response
+    completed, so the server closed an idle connection after the header timeout, the moment a client
+    could reuse it. Now an idle connection stays open for the keep-alive timeout (75 s), and the
+    header deadline starts with the next request's first byte."""
+    import socket
+    import time
+
+    request = _head(server, "")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(server.header_timeout_s + 1.0)  # idle longer than the header timeout
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200"), "the server closed an idle kept-alive connection"
+        sock.sendall(request[:20])  # then half a request: its deadline runs from this byte
+        t0 = time.monotonic()
+        sock.settimeout(server.header_timeout_s + 3)
+        assert sock.recv(65536) == b"", "half a request on a kept-alive connection was not cut off"
+        waited = time.monotonic() - t0
+    assert server.header_timeout_s - 0.5 < waited < server.header_timeout_s + 2, waited
+
+
+def test_requests_after_idle_gaps_around_the_timeouts_never_fail_in_transport(server):
+    """Bursts separated by idle gaps swept around the header timeout and httpx's keep-alive expiry
+    (both 2 s here): every request after a gap is answered, none fails with a transport error."""
+    import concurrent.futures
+    import time
+
+    gaps = [server.header_timeout_s - 0.06 + 0.005 * i for i in range(25)]  # 1.94 .. 2.06 s
+
+    def burst_gap_burst(gap: float) -> list[str]:
+        limits = httpx.Limits(max_keepalive_connections=1, keepalive_expiry=server.header_timeout_s)
+        headers = {"Authorization": f"Bearer {server.key()}"}
+        outcomes = []
+        with httpx.Client(limits=limits, trust_env=False, timeout=10) as c:
+            for _ in range(3):
+                for _ in range(2):
+                    try:
+                        outcomes.append(str(c.get(f"{server.url}/ping", headers=headers).status_code))
+                    except httpx.TransportError as e:
+                        outcomes.append(f"transport error: {type(e).__name__}")
+                time.sleep(gap)
+        return outcomes
+
+    with concurrent.futures.ThreadPoolExecutor(len(gaps)) as pool:
+        outcomes = [o for run in pool.map(burst_gap_burst, gaps) for o in run]
+    assert outcomes.count("200") == len(outcomes), sorted(set(outcomes))

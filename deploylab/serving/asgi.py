@@ -56,7 +56,7 @@ from .. import config, export
 from ..files import atomic_write_json
 from . import protocol, serverless
 from .api import Client
-from .header_timeout import HEADER_TIMEOUT_S, header_timeout_protocol
+from .header_timeout import HEADER_TIMEOUT_S, KEEP_ALIVE_S, header_timeout_protocol
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
 from .processes import ServeError, ServerProcess, free_ports
 from .protocol import BadRequest
@@ -359,12 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if a.processes == 1:
             uvicorn.run(create_app(key=key, **settings), host=a.host, port=a.port, log_level="warning", access_log=False,
-                        workers=1, http=header_timeout_protocol(a.header_timeout_s))
+                        workers=1, http=header_timeout_protocol(a.header_timeout_s), timeout_keep_alive=KEEP_ALIVE_S)
         else:  # uvicorn's supervisor spawns the workers: they build the app from WORKER_ENV
             os.environ[WORKER_ENV] = json.dumps({**settings, "key_file": a.key_file, "header_timeout_s": a.header_timeout_s})
             uvicorn.run("deploylab.serving.asgi:app_from_environment", factory=True, host=a.host, port=a.port,
                         log_level="warning", access_log=False, workers=a.processes,
-                        http="deploylab.serving.asgi:WorkerProtocol")
+                        http="deploylab.serving.asgi:WorkerProtocol", timeout_keep_alive=KEEP_ALIVE_S)
     finally:
         Path(a.key_file).unlink(missing_ok=True)  # the key dies with the server
 
