@@ -1,0 +1,73 @@
+"""The load generator against the real custom ASGI server: offered rate kept, queueing counted from the
+intended send time, its own CPU per request far below the server's, transport errors counted apart."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from deploylab import data
+from deploylab.serving import asgi, loadgen, processes, protocol
+
+
+@pytest.fixture(scope="module")
+def server(onnx_path):
+    s = asgi.AsgiServer(onnx_path, mode="batch", max_batch=8, max_wait_ms=2)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def requests(server):
+    images, _ = data.raw_split("test", 32)
+    return loadgen.build_requests("127.0.0.1", server.port, "/predictions/student",
+                                  [protocol.png_bytes(im) for im in images], token=server.key())
+
+
+def test_open_loop_keeps_its_offered_rate_at_light_load(server, requests):
+    r = loadgen.open_loop("127.0.0.1", server.port, requests, rate=200, count=400, progress=False)
+    assert r.statuses == {200: 400} and not r.transport_errors
+    assert 0.85 * 200 < r.achieved_rate < 1.15 * 200, r.summary()
+    p = r.percentiles_ms()
+    assert p["n"] == 400 and 0 < p["p50"] <= p["p90"] <= p["p99"] <= p["p99.9"], p
+
+
+def test_overload_shows_as_queueing_in_open_loop_latency(server, requests):
+    """Offered at 2.5x what the server can do, the requests keep coming on schedule, so their latency from
+    the intended send time grows with the queue: the overload is visible (no coordinated omission)."""
+    capacity = loadgen.closed_loop("127.0.0.1", server.port, requests, connections=32, seconds=1.0, progress=False)
+    light = loadgen.open_loop("127.0.0.1", server.port, requests, rate=capacity.achieved_rate / 4, seconds=1.0,
+                              progress=False)
+    heavy = loadgen.open_loop("127.0.0.1", server.port, requests, rate=capacity.achieved_rate * 2.5, seconds=0.8,
+                              progress=False)
+    assert heavy.sent == pytest.approx(capacity.achieved_rate * 2.5 * 0.8, rel=0.01)
+    assert heavy.achieved_rate < 1.5 * capacity.achieved_rate, (capacity.summary(), heavy.summary())
+    assert heavy.percentiles_ms()["p50"] > 10 * light.percentiles_ms()["p50"], (light.summary(), heavy.summary())
+
+
+def test_the_generator_costs_at_most_a_tenth_of_the_server_per_request(server, requests):
+    before = processes.cpu_seconds(server.processes())
+    r = loadgen.closed_loop("127.0.0.1", server.port, requests, connections=32, seconds=3, progress=False)
+    server_ms = 1e3 * (processes.cpu_seconds(server.processes()) - before) / r.sent
+    assert r.statuses.get(200) == r.sent
+    assert r.generator_cpu_ms_per_request <= 0.10 * server_ms, (r.summary(), f"server {server_ms:.3f} CPU-ms per request")
+
+
+def test_transport_errors_are_counted_apart_from_statuses():
+    port = processes.free_ports(1)[0]  # nothing listens there
+    requests = loadgen.build_requests("127.0.0.1", port, "/ping", [b""])
+    r = loadgen.open_loop("127.0.0.1", port, requests, rate=100, count=20, progress=False)
+    assert r.statuses == {} and sum(r.transport_errors.values()) == 20, r.transport_errors
+    c = loadgen.closed_loop("127.0.0.1", port, requests, connections=4, count=20, progress=False)
+    assert c.statuses == {} and sum(c.transport_errors.values()) == 4, c.transport_errors
+
+
+def test_runs_on_the_cores_it_is_given_and_talks_to_loopback_only(server, requests):
+    allowed = os.sched_getaffinity(0)
+    r = loadgen.closed_loop("127.0.0.1", server.port, requests, connections=2, count=20, cpus=[min(allowed)],
+                            progress=False)
+    assert r.cpus == (min(allowed),) and os.sched_getaffinity(0) == allowed
+    with pytest.raises(ValueError, match="loopback"):
+        loadgen.build_requests("10.0.0.1", 80, "/", [b""])
