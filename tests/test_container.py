@@ -103,8 +103,7 @@ def test_compose_matches_the_image():
     assert (svc["healthcheck"]["interval"], svc["healthcheck"]["timeout"], svc["healthcheck"]["start_period"],
             svc["healthcheck"]["retries"]) == (hc[1], hc[2], hc[3], int(hc[4]))
     assert json.dumps(svc["healthcheck"]["test"][1:]) in text.replace('"CMD", ', "").replace("CMD ", "")
-    assert all(str(p).startswith("127.0.0.1:") for p in svc["ports"])
-    assert not any(str(p).endswith(":8081") for p in svc["ports"])
+    assert "ports" not in svc, "behind the proxy, TorchServe's ports are published nowhere (tests/test_proxy.py)"
     assert svc["read_only"] is True and svc["mem_limit"] and svc["cap_drop"] == ["ALL"]
     tmpfs = " ".join(svc["tmpfs"])
     assert "/tmp:" in tmpfs and f"{container.WORKDIR}:" in tmpfs
