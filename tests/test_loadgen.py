@@ -71,3 +71,21 @@ def test_runs_on_the_cores_it_is_given_and_talks_to_loopback_only(server, reques
     assert r.cpus == (min(allowed),) and os.sched_getaffinity(0) == allowed
     with pytest.raises(ValueError, match="loopback"):
         loadgen.build_requests("10.0.0.1", 80, "/", [b""])
+
+
+def test_mlperf_scenarios_on_the_custom_server(server, requests):
+    from deploylab.serving import scenarios
+
+    single = scenarios.single_stream("127.0.0.1", server.port, requests, count=60, progress=False)
+    assert single.connections == 1 and single.ok == 60
+    cost, off = scenarios.cpu_cost(lambda: {"server": server.processes()},
+                                   lambda: scenarios.offline("127.0.0.1", server.port, requests, seconds=1.0, progress=False))
+    assert off.ok == off.sent and cost.per_request_ms["server"] > cost.per_request_ms["generator"] > 0
+    assert cost.price_per_million(0.05) == pytest.approx(cost.server_ms * 1e6 / 3.6e6 * 0.05)
+    slo_ms = max(20.0, 4 * single.percentiles_ms()["p90"])
+    search = scenarios.server_capacity("127.0.0.1", server.port, requests, slo_ms=slo_ms, low=off.achieved_rate / 10,
+                                       high=off.achieved_rate * 2, seconds=0.4, min_samples=200, steps=4, progress=False)
+    rows = search.table()
+    assert search.best is not None and 0 < search.capacity < off.achieved_rate * 2, rows
+    assert search.best.percentiles_ms()["p99"] <= slo_ms
+    assert any(r["SLO"] == "missed" and r["offered/s"] > search.capacity for r in rows), rows  # the knee was crossed
