@@ -116,7 +116,8 @@ class CpuCost:
         return self.server_ms * 1e6 / 3.6e6 * core_hour_price
 
 
-def cpu_cost(roles: Callable[[], Mapping[str, Sequence[psutil.Process]]], run: Callable[[], LoadgenResult]) -> tuple[CpuCost, LoadgenResult]:
+def cpu_cost(roles: Callable[[], Mapping[str, Sequence[psutil.Process]]],
+             run: Callable[[], LoadgenResult]) -> tuple[CpuCost, LoadgenResult]:
     """Run ``run()`` and account the CPU time each role's processes spent to the requests it answered.
 
     ``roles`` lists the server's processes by role (``TorchServe.roles``, ``RayServeServer.roles``...);
