@@ -68,22 +68,49 @@ def test_ray_image_dockerfile_passes_hadolint():
     assert not findings, findings
 
 
-def test_deployment_is_locked_down():
-    dep = _kind("Deployment")
-    pod = dep["spec"]["template"]["spec"]
-    (c,) = pod["containers"]
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
-    assert c["securityContext"]["readOnlyRootFilesystem"] is True
-    assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    assert set(c["resources"]["requests"]) == {"cpu", "memory"} and set(c["resources"]["limits"]) == {"cpu", "memory"}
+def _named(kind: str, name: str) -> dict:
+    found = [d for path in MANIFESTS for d in _documents(path.name) if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def test_deployments_are_locked_down():
+    for name, writable in (("deploylab-serve", {"/tmp", "/home/serve/run"}), ("deploylab-proxy", {"/tmp"})):
+        dep = _named("Deployment", name)
+        pod = dep["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] >= 10001
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert set(c["resources"]["requests"]) == {"cpu", "memory"} and set(c["resources"]["limits"]) == {"cpu", "memory"}
+        assert {"readinessProbe", "livenessProbe"} <= set(c), name
+        mounts = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+        assert mounts == writable, f"{name}: the writable places, as the tmpfs mounts of lesson 06"
+        svc = _named("Service", name)
+        assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    serve = _named("Deployment", "deploylab-serve")["spec"]["template"]["spec"]["containers"][0]
     for probe in ("readinessProbe", "livenessProbe"):
-        assert c[probe]["exec"]["command"][-1] == "/app/healthcheck.py", f"{probe} does not run the image's health check"
-    mounts = {m["mountPath"] for m in c["volumeMounts"]}
-    assert mounts == {"/tmp", "/home/serve/run"}, "TorchServe's two writable places, as the tmpfs mounts of lesson 06"
+        assert serve[probe]["exec"]["command"][-1] == "/app/healthcheck.py", f"{probe} does not run the image's health check"
     hpa = _kind("HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
-    svc = _kind("Service")
-    assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "deploylab-serve"
+
+
+def test_torchserve_scales_behind_the_proxy_with_one_key():
+    """Several TorchServe pods (the HPA) work for one client key only because the key is checked at
+    the proxy (from the Secret), TorchServe runs with token authorization off, and only the proxy
+    reaches it."""
+    serve = _named("Deployment", "deploylab-serve")["spec"]["template"]["spec"]["containers"][0]
+    assert serve["command"][-1] == "/app/config-behind-proxy.properties"
+    assert {"name": "TS_CONFIG_FILE", "value": "/app/config-behind-proxy.properties"} in serve["env"]
+    behind = (config.ROOT / "docker" / "config-behind-proxy.properties").read_text()
+    assert "disable_token_authorization=true" in behind.splitlines()
+    assert _kind("HorizontalPodAutoscaler")["spec"]["maxReplicas"] > 1
+    policy = _named("NetworkPolicy", "deploylab-serve")
+    inference = [rule for rule in policy["spec"]["ingress"] if {"port": 8080, "protocol": "TCP"} in rule["ports"]]
+    assert [rule["from"] for rule in inference] == [[{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "deploylab-proxy"}}}]]
+    proxy = _named("Deployment", "deploylab-proxy")["spec"]["template"]["spec"]
+    sources = [src["secret"]["name"] for v in proxy["volumes"] if "projected" in v for src in v["projected"]["sources"]]
+    assert sorted(sources) == ["deploylab-inference-key", "deploylab-proxy-tls"], "the key and certificate come from Secrets"
 
 
 def test_rayservice_has_what_kuberay_requires_and_a_valid_serve_config():

@@ -51,19 +51,19 @@ PREDICT = f"/predictions/{docker_build.MODEL}"
 
 @dataclass(frozen=True)
 class ProxySizes:
-    """How long the cost measurement runs: rounds x requests per path, open loop at ``rate_per_s``
-    (below the proxy's limit of 100 requests/s per client, so that no request is refused)."""
+    """How long the cost measurement runs: rounds x requests per variant (4 variants), open loop at
+    ``rate_per_s`` (far below the proxy's limit of 100 requests/s per client: no request is refused)."""
 
     rounds: int
     requests: int
-    rate_per_s: float = 50.0
-    warmup: int = 20
+    rate_per_s: float = 20.0  # one request every 50 ms: a prediction takes ~20 ms here (TorchServe's batch delay)
+    warmup: int = 10
 
 
 SIZES: dict[str, ProxySizes] = {
-    "smoke": ProxySizes(rounds=2, requests=40),
-    "workshop": ProxySizes(rounds=6, requests=200),
-    "full": ProxySizes(rounds=10, requests=400),
+    "smoke": ProxySizes(rounds=4, requests=15),
+    "workshop": ProxySizes(rounds=6, requests=80),
+    "full": ProxySizes(rounds=10, requests=150),
 }
 
 
@@ -166,15 +166,18 @@ def compose_bin() -> str:
     return exe
 
 
-def cgroup_cpu_ns(pid: int) -> int:
-    """CPU time (ns) used so far by the cgroup of process ``pid`` (a container: all of its processes)."""
-    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    v2 = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
-    if v2 is not None and Path(f"/sys/fs/cgroup{v2}/cpu.stat").exists():
-        stat = dict(line.split() for line in Path(f"/sys/fs/cgroup{v2}/cpu.stat").read_text().splitlines())
-        return int(stat["usage_usec"]) * 1000
-    v1 = next(line.split(":", 2)[2] for line in lines if "cpuacct" in line.split(":")[1])
-    return int(Path(f"/sys/fs/cgroup/cpuacct{v1}/cpuacct.usage").read_text())
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time (ns) the processes ``pids`` have run so far: the sum over their threads of
+    ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds; ``/proc/<pid>/stat`` counts 10 ms ticks). A
+    thread or process that is gone counts 0, so compare the same list before and after."""
+    total = 0
+    for pid in pids:
+        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                total += int(stat.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
 
 
 @dataclass(eq=False)  # identity, not field equality: kept in the exit registry (a WeakSet)
@@ -267,9 +270,10 @@ class Stack:
         nets = self.inspect(service)["NetworkSettings"]["Networks"]
         return next(n["IPAddress"] for name, n in sorted(nets.items()) if n.get("IPAddress"))
 
-    def cpu_ns(self, service: str) -> int:
-        """CPU time used so far by all processes of the service's container (its cgroup)."""
-        return cgroup_cpu_ns(int(self.inspect(service)["State"]["Pid"]))
+    def pids(self, service: str, command: str | None = None) -> list[int]:
+        """Host process ids of the service's container (``docker top``), only those named ``command`` if given."""
+        rows = docker("top", self.container_id(service), "-eo", "pid,comm").stdout.splitlines()[1:]
+        return [int(pid) for pid, _, comm in (r.strip().partition(" ") for r in rows) if command in (None, comm.strip())]
 
     def down(self) -> None:
         """``down`` (containers and networks removed) and check that nothing of the project is left."""
@@ -377,15 +381,19 @@ def raw_exchange(port: int, request: bytes, ca: str | os.PathLike, *, host: str 
 # --------------------------------------------------------------------------------------------
 
 
-def _paced(client: httpx.Client, url: str, bodies: list[bytes], n: int, rate_per_s: float,
+def _paced(client: httpx.Client, url: str, bodies: list[bytes] | None, n: int, rate_per_s: float,
            extensions: dict[str, Any]) -> tuple[list[float], list[int]]:
-    """``n`` requests, open loop: request i is due at start + i / rate; latency from that due time (ms)."""
+    """``n`` requests, open loop: request i is due at start + i / rate; latency from that due time (ms).
+    With ``bodies`` each is a POST of the next body, else a GET."""
     latencies, statuses = [], []
     start = time.perf_counter()
     for i in range(n):
         due = start + i / rate_per_s
         time.sleep(max(0.0, due - time.perf_counter()))
-        r = client.post(url, content=bodies[i % len(bodies)], extensions=extensions)
+        if bodies:
+            r = client.post(url, content=bodies[i % len(bodies)], extensions=extensions)
+        else:
+            r = client.get(url, extensions=extensions)
         latencies.append((time.perf_counter() - due) * 1000.0)
         statuses.append(r.status_code)
     return latencies, statuses
@@ -395,54 +403,59 @@ def measure_cost(stack: Stack, bodies: list[bytes], profile: Profile | None = No
                  rounds: int | None = None, requests: int | None = None, rate_per_s: float | None = None) -> dict[str, Any]:
     """The same requests straight to TorchServe (plain HTTP to its container's address: reachable from
     this host, from no other) and through the proxy (HTTPS with the key to the proxy's container
-    address, the certificate checked for the name ``proxy``), each over one keep-alive connection,
-    open loop at a fixed rate, in interleaved rounds (A B, B A, A B ...).
+    address, the certificate checked for the name ``proxy``), each path over one keep-alive
+    connection, open loop at a fixed rate, in interleaved rounds (the four variants in a rotated order
+    each round). Two kinds of request: a prediction (``bodies``, PNG images) and ``GET /ping``, whose
+    small server time shows the proxy's own share.
 
-    Returns, per path, latency percentiles over all rounds and each round's p50; the paired per-round
-    p50 difference; CPU per request of the proxy container (nginx), of TorchServe's container and of
-    this client process.
+    Returns, per variant, latency percentiles over all rounds and each round's p50, and CPU per
+    request of nginx's processes, of TorchServe's processes (Java and its workers; not the health
+    checks) and of this client process; per kind, the per-round paired p50 difference proxy - direct.
     """
     s = sizes(config.get_profile(profile))
     rounds, requests, rate = rounds or s.rounds, requests or s.requests, rate_per_s or s.rate_per_s
     direct = httpx.Client(base_url=f"http://{stack.address('serve')}:{TORCHSERVE_PORT}", timeout=30, trust_env=False)
     proxied = httpx.Client(base_url=f"https://{stack.address('proxy')}:{PROXY_PORT}", verify=tls_context(stack.secrets.ca),
                            headers={"Authorization": f"Bearer {stack.secrets.key}"}, timeout=30, trust_env=False)
-    paths = {"direct": (direct, {}), "proxy": (proxied, {"sni_hostname": "proxy"})}
-    lat: dict[str, list[float]] = {p: [] for p in paths}
-    round_p50: dict[str, list[float]] = {p: [] for p in paths}
-    cpu = {p: {"proxy": 0, "serve": 0, "client": 0.0, "n": 0} for p in paths}
-    statuses: dict[str, dict[int, int]] = {p: {} for p in paths}
+    clients = {"direct": (direct, {}), "proxy": (proxied, {"sni_hostname": "proxy"})}
+    kinds = {"predict": (PREDICT, bodies), "ping": ("/ping", None)}
+    variants = [(kind, path) for kind in kinds for path in clients]
+    nginx, serve = stack.pids("proxy", "nginx"), stack.pids("serve")
+    lat: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    round_p50: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    cpu = {v: [0, 0, 0.0] for v in variants}  # nginx ns, TorchServe ns, client s
+    statuses: dict[tuple[str, str], dict[int, int]] = {v: {} for v in variants}
     try:
-        for client, ext in paths.values():  # warm-up: connections, TLS session, TorchServe's workers
-            _paced(client, PREDICT, bodies, s.warmup, rate, ext)
+        for kind, path in variants:  # warm-up: connections, TLS session, TorchServe's workers
+            _paced(clients[path][0], kinds[kind][0], kinds[kind][1], s.warmup, rate, clients[path][1])
         for r in range(rounds):
-            for name in (("direct", "proxy") if r % 2 == 0 else ("proxy", "direct")):
-                client, ext = paths[name]
-                before = (stack.cpu_ns("proxy"), stack.cpu_ns("serve"), time.process_time())
-                ms, st = _paced(client, PREDICT, bodies, requests, rate, ext)
-                after = (stack.cpu_ns("proxy"), stack.cpu_ns("serve"), time.process_time())
-                cpu[name]["proxy"] += after[0] - before[0]
-                cpu[name]["serve"] += after[1] - before[1]
-                cpu[name]["client"] += after[2] - before[2]
-                cpu[name]["n"] += requests
-                lat[name] += ms
-                round_p50[name].append(float(np.percentile(ms, 50)))
+            for kind, path in variants[r % len(variants):] + variants[:r % len(variants)]:
+                (client, ext), (url, body) = clients[path], kinds[kind]
+                before = (cpu_ns(nginx), cpu_ns(serve), time.process_time())
+                ms, st = _paced(client, url, body, requests, rate, ext)
+                after = (cpu_ns(nginx), cpu_ns(serve), time.process_time())
+                for i in range(3):
+                    cpu[(kind, path)][i] += after[i] - before[i]
+                lat[(kind, path)] += ms
+                round_p50[(kind, path)].append(float(np.percentile(ms, 50)))
                 for code in st:
-                    statuses[name][code] = statuses[name].get(code, 0) + 1
+                    statuses[(kind, path)][code] = statuses[(kind, path)].get(code, 0) + 1
     finally:
         direct.close()
         proxied.close()
-    out: dict[str, Any] = {"rounds": rounds, "requests_per_round": requests, "rate_per_s": rate, "paths": {}}
-    for name in paths:
-        q = np.percentile(lat[name], [50, 90, 99])
-        n = cpu[name]["n"]
-        out["paths"][name] = {
-            "p50_ms": float(q[0]), "p90_ms": float(q[1]), "p99_ms": float(q[2]), "mean_ms": float(np.mean(lat[name])),
-            "round_p50_ms": round_p50[name], "statuses": statuses[name],
-            "proxy_cpu_ms_per_request": cpu[name]["proxy"] / n / 1e6, "serve_cpu_ms_per_request": cpu[name]["serve"] / n / 1e6,
-            "client_cpu_ms_per_request": cpu[name]["client"] / n * 1e3}
-    diffs = np.subtract(round_p50["proxy"], round_p50["direct"])
-    out["p50_added_ms"] = {"median": float(np.median(diffs)), "min": float(diffs.min()), "max": float(diffs.max())}
+    out: dict[str, Any] = {"rounds": rounds, "requests_per_round": requests, "rate_per_s": rate, "variants": [],
+                           "added_p50_ms": {}}
+    n = rounds * requests
+    for kind, path in variants:
+        q = np.percentile(lat[(kind, path)], [50, 90, 99])
+        out["variants"].append({
+            "request": kind, "path": path, "p50_ms": float(q[0]), "p90_ms": float(q[1]), "p99_ms": float(q[2]),
+            "mean_ms": float(np.mean(lat[(kind, path)])), "round_p50_ms": round_p50[(kind, path)],
+            "statuses": statuses[(kind, path)], "nginx_cpu_ms": cpu[(kind, path)][0] / n / 1e6,
+            "torchserve_cpu_ms": cpu[(kind, path)][1] / n / 1e6, "client_cpu_ms": cpu[(kind, path)][2] / n * 1e3})
+    for kind in kinds:
+        diffs = np.subtract(round_p50[(kind, "proxy")], round_p50[(kind, "direct")])
+        out["added_p50_ms"][kind] = {"median": float(np.median(diffs)), "min": float(diffs.min()), "max": float(diffs.max())}
     return out
 
 
