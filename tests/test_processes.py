@@ -1,13 +1,19 @@
-"""ServerProcess with real processes: start, readiness, stop leaving nothing behind, secrets deleted."""
+"""ServerProcess with real processes: start, readiness, stop leaving nothing behind, secrets deleted; the exit
+registry (newest first, stop_now preferred) and the kit's SIGTERM handler, chained to the one it replaced."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import sys
 import time
 
 import psutil
 import pytest
 
+from deploylab import config
 from deploylab.serving import processes
 from deploylab.serving.processes import ServeError, ServerProcess
 
@@ -71,3 +77,70 @@ def test_the_exit_registry_stops_what_was_not_stopped(tmp_path):
     processes._stop_all()  # what atexit runs when a notebook kernel exits
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert proc not in processes._RUNNING
+
+
+# a process that starts a server (a child sleeping in its own process group), says so, then waits to be signalled
+SIGNALLED = r"""
+import signal, sys, time
+from deploylab.serving.processes import ServerProcess
+if sys.argv[1] == "own handler":
+    def own(signum, frame):
+        print("own handler ran", flush=True)
+        sys.exit(7)
+    signal.signal(signal.SIGTERM, own)
+elif sys.argv[1] == "ignored":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+server = ServerProcess("sleeper", sys.argv[2])
+server.launch([sys.executable, "-c", "import time; time.sleep(600)"], cwd=".", env={})
+print("server", server.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("before, exit_code", [("default", -signal.SIGTERM), ("own handler", 7), ("ignored", None)])
+def test_sigterm_stops_the_registered_servers_then_does_what_it_did_before(tmp_path, before, exit_code):
+    """SIGTERM to a process that started a server: the kit's handler stops the server (in its own process
+    group, it would outlive the process), then the disposition the process had runs as before."""
+    proc = subprocess.Popen([sys.executable, "-c", SIGNALLED, before, str(tmp_path / "sleeper.log")], cwd=config.ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("server "), line
+        server = psutil.Process(int(line.split()[1]))
+        proc.send_signal(signal.SIGTERM)
+        if exit_code is None:  # a process that ignores SIGTERM keeps ignoring it, and its server keeps running
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+            assert server.is_running()
+            return
+        assert proc.wait(timeout=30) == exit_code
+        assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, "the server outlived the SIGTERM"
+        if before == "own handler":
+            assert "own handler ran" in proc.stdout.read()
+    finally:
+        for p in [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+class _Recorder:
+    def __init__(self, name, log, quick=False):
+        self.name, self.log = name, log
+        if quick:
+            self.stop_now = lambda: log.append(f"{name} now")
+
+    def stop(self):
+        self.log.append(self.name)
+
+
+def test_the_exit_registry_stops_the_newest_first_and_prefers_stop_now():
+    log = []
+    node, cluster, server = _Recorder("node", log), _Recorder("cluster", log, quick=True), _Recorder("server", log)
+    for s in (node, cluster, server):
+        processes.stop_at_exit(s)
+    processes.forget_at_exit(node)
+    processes.stop_at_exit(node)  # registered again: now the newest
+    processes._stop_all()
+    assert log == ["node", "server", "cluster now"]
+    assert not any(s in processes._RUNNING for s in (node, cluster, server))

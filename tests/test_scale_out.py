@@ -1,18 +1,29 @@
 """Lesson 08's servers started for real: Ray Serve (a real Ray cluster) and LitServe serve real test images,
 answer the bad-input corpus with 4xx, refuse requests without the token, survive a short load run,
-and leave no process behind."""
+and leave no process (nor temporary folder) behind. Ray Serve with one replica answers or sheds a
+crowd of 200 clients within the deadline, and a driver stopped with SIGTERM takes its cluster along."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
 import psutil
 import pytest
 
-from deploylab import data, export
-from deploylab.serving import corpus, litserve_app, load, protocol, ray_serve
+from deploylab import config, data, export
+from deploylab.serving import corpus, crowd, litserve_app, load, protocol, ray_serve
+from deploylab.serving.api import Client
 from deploylab.serving.processes import ServeError
 
 
@@ -47,20 +58,122 @@ def _listening(processes) -> list[tuple[str, int]]:
             if c.status == psutil.CONN_LISTEN]
 
 
-def test_ray_serve_serves_refuses_and_leaves_nothing(onnx_path):
-    server = ray_serve.RayServeServer(onnx_path, nodes=1, num_replicas=1)
-    server.start()
-    temp_dir = server.cluster.temp_dir
-    try:
-        assert ray_serve.ray_processes(temp_dir), "no Ray process found by its temp dir: the leftover check would see nothing"
-        assert server.running() == 1
-        _check_server(server, onnx_path)
-        http = [ip for ip, port in _listening(server.processes()) if port == server.port]
-        assert http and all(ip == "127.0.0.1" for ip in http), f"Serve's HTTP proxy listens on {http}"
-    finally:
-        server.stop()
-    assert not ray_serve.ray_processes(temp_dir), "Ray processes survived stop()"
-    assert not server.key_file.exists()
+# A notebook kernel's part, in a process of its own: start Ray Serve, say where it is, wait to be stopped.
+DRIVER = r"""
+import json, sys, time
+from deploylab.serving import ray_serve
+server = ray_serve.RayServeServer(sys.argv[1], nodes=1, num_replicas=1).start()
+info = {"url": server.url, "key_file": str(server.key_file), "temp_dir": str(server.cluster.temp_dir),
+        "running": server.running(), "replicas": [r["pid"] for r in server.replicas()]}
+with open(sys.argv[2] + ".part", "w") as f:
+    json.dump(info, f)
+import os; os.rename(sys.argv[2] + ".part", sys.argv[2])
+time.sleep(600)
+"""
+
+
+class RayDriver:
+    """A Python process driving a :class:`RayServeServer` (one replica), as a notebook kernel does."""
+
+    def __init__(self, onnx_path, workdir):
+        self.info_file, self.log = workdir / "driver.json", workdir / "driver.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(onnx_path), str(self.info_file)], cwd=config.ROOT,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while not self.info_file.exists():
+            assert self.proc.poll() is None, f"the driver exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"Ray Serve not ready in 240 s:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        self.info = json.loads(self.info_file.read_text())
+        self.url, self.key_file, self.temp_dir = self.info["url"], Path(self.info["key_file"]), self.info["temp_dir"]
+
+    def key(self) -> str:
+        return ray_serve.read_key(self.key_file)
+
+    def client(self) -> Client:
+        return Client(self.url, self.url, self.url, inference_key=self.key(), management_key=self.key())
+
+    def processes(self) -> list[psutil.Process]:
+        """The driver's descendants (the nodes and everything they started) and whatever names the cluster's temp dir."""
+        found = {p.pid: p for p in ray_serve.ray_processes(self.temp_dir)}
+        with contextlib.suppress(psutil.Error):
+            found.update({p.pid: p for p in psutil.Process(self.proc.pid).children(recursive=True)})
+        return [p for p in found.values() if _alive(p)]
+
+    def kill_everything(self) -> None:
+        """Teardown whatever a failed test left: the driver, then anything of its cluster."""
+        left = self.processes()
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        for p in left + self.processes():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _alive(p: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+@pytest.fixture(scope="module")
+def ray_driver(onnx_path, tmp_path_factory):
+    """One Ray Serve cluster for this module's Ray tests, driven from its own process (one cluster start, ~20 s)."""
+    driver = RayDriver(onnx_path, tmp_path_factory.mktemp("ray-driver"))
+    yield driver
+    driver.kill_everything()
+
+
+def test_ray_serve_serves_and_refuses(ray_driver, onnx_path):
+    assert ray_driver.info["running"] == 1
+    procs = ray_driver.processes()
+    assert ray_serve.ray_processes(ray_driver.temp_dir), "no Ray process found by its temp dir: the leftover check would see nothing"
+    _check_server(ray_driver, onnx_path)
+    url_port = int(ray_driver.url.rsplit(":", 1)[1])
+    http = [ip for ip, port in _listening(procs) if port == url_port]
+    assert http and all(ip == "127.0.0.1" for ip in http), f"Serve's HTTP proxy listens on {http}"
+
+
+def test_ray_serve_one_replica_answers_or_sheds_a_crowd_of_200(ray_driver, onnx_path):
+    """200 clients at once against one replica: every request answered right, or refused at once with
+    503 and Retry-After, each within 10 s -- none left waiting. An idle connection is closed after KEEP_ALIVE_S."""
+    images, _ = data.raw_split("test", 64)
+    want = _reference_top1(onnx_path, images)
+    bodies = [protocol.png_bytes(im) for im in images]
+    url = f"{ray_driver.url}/predictions/student"
+    with ThreadPoolExecutor(1) as pool:  # a connection left idle after its answer, watched while the crowd runs
+        slow = pool.submit(crowd.slow_connections, url, ray_driver.key(), bodies[0], watch_s=ray_serve.KEEP_ALIVE_S + 5)
+        run = crowd.crowd_run(url, ray_driver.key(), bodies, want, clients=200, seconds=8, deadline_s=10)
+        idle = slow.result()["idle after an answer"]
+    assert run.within_contract, run.summary() | {"errors": run.errors}
+    assert run.outcomes.get(crowd.ANSWERED, 0) >= 200, run.summary()
+    assert run.outcomes.get(crowd.SHED, 0) > 0, f"200 clients against one replica and nothing shed? {run.summary()}"
+    assert set(run.retry_after) == {str(int(ray_serve.RETRY_AFTER_S))}, run.retry_after
+    assert idle["answered"] == 200 and idle["closed after s"] is not None, idle
+    assert ray_serve.KEEP_ALIVE_S - 1 <= idle["closed after s"] <= ray_serve.KEEP_ALIVE_S + 5, idle
+
+
+def test_a_ray_driver_stopped_with_sigterm_leaves_no_ray_process(ray_driver):
+    """SIGTERM to the driver (a notebook kernel shut down): Ray's own handler would exit at once and leave
+    the cluster running; the kit's handler stops the cluster first. Last of this module's Ray tests."""
+    before = ray_driver.processes()
+    names = " ".join(" ".join(p.cmdline()) for p in before)
+    for role in ("gcs_server", "raylet", "monitor.py", "log_monitor.py", "ray start", "ServeReplica"):
+        assert role in names, f"no {role} process found before SIGTERM: the check below would see nothing"
+    t0 = time.monotonic()
+    ray_driver.proc.send_signal(signal.SIGTERM)
+    code = ray_driver.proc.wait(timeout=30)
+    took = time.monotonic() - t0
+    gone, alive = psutil.wait_procs(before, timeout=5)
+    survivors = [(p.pid, " ".join(p.cmdline())[:80]) for p in alive if _alive(p)]
+    assert not survivors, f"Ray processes survived the driver's SIGTERM: {survivors}"
+    assert not ray_serve.ray_processes(ray_driver.temp_dir)
+    assert code == signal.SIGTERM, f"the driver exited with {code}, not through Ray's handler (sys.exit(15))"
+    assert took < 5, f"stopping took {took:.1f} s: Jupyter kills a kernel 2.5 s after its SIGTERM"
+    assert not ray_driver.key_file.exists(), "the key file outlived the server"
 
 
 def test_litserve_serves_refuses_and_leaves_nothing(onnx_path):
@@ -69,6 +182,8 @@ def test_litserve_serves_refuses_and_leaves_nothing(onnx_path):
     procs = server.processes()
     try:
         assert len(procs) >= 3, f"LitServe runs an API server, a worker and a queue process: found {len(procs)}"
+        made = list(server.tmp_dir.glob("pymp-*"))
+        assert made, f"LitServe's multiprocessing manager made no pymp-* folder in {server.tmp_dir}: where did it go?"
         _check_server(server, onnx_path)
         assert httpx.get(f"{server.url}/health", trust_env=False).status_code == 401  # LitServe's own routes too
         assert httpx.get(f"{server.url}/docs", trust_env=False).status_code == 401
@@ -78,6 +193,7 @@ def test_litserve_serves_refuses_and_leaves_nothing(onnx_path):
         server.stop()
     assert not [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "LitServe processes survived"
     assert not server.key_file.exists()
+    assert not server.tmp_dir.exists() and not any(m.exists() for m in made), "LitServe's temporary folder outlived stop()"
 
 
 def test_a_port_in_use_is_a_clear_error(onnx_path):

@@ -21,7 +21,9 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1, help="inference worker processes")
     p.add_argument("--fast-queue", action=argparse.BooleanOptionalAction, default=True,
                    help="ZeroMQ between API server and workers (LitServe's default is multiprocessing manager queues)")
+    p.add_argument("--tmp-dir", help="the temporary folder of this server and its children (LitServe's multiprocessing "
+                   "manager makes a pymp-* folder with a listener socket there); LitServeServer removes it on stop")
     a = p.parse_args(argv)
+    if a.tmp_dir:  # before LitServe starts anything: the children inherit TMPDIR, this process reads tempfile.tempdir
+        Path(a.tmp_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.environ["TMPDIR"] = tempfile.tempdir = a.tmp_dir
     if a.host not in LOOPBACK or a.host == "localhost":
         raise SystemExit(f"refusing to bind {a.host}: this server binds 127.0.0.1 (or ::) only")
     if port_in_use(a.port, a.host):  # LitServe would start its workers first and then fail with a traceback
@@ -178,6 +185,9 @@ class LitServeServer(AsgiServer):
 
     LitServe installs no SIGTERM handler; the group-wide SIGTERM (then SIGKILL) of
     :class:`~deploylab.serving.processes.ServerProcess` reaches its API server, worker and manager processes alike.
+    A process killed that way cleans nothing up, so the server's temporary files (the ``pymp-*``
+    folder of its multiprocessing manager, with a listener socket) go to its own :attr:`tmp_dir`
+    under the workdir, which :meth:`stop` removes.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, max_batch: int = 16, max_wait_ms: float = 5.0, workers: int = 1,
@@ -191,7 +201,19 @@ class LitServeServer(AsgiServer):
         return [sys.executable, "-m", "deploylab.serving.litserve_app", "--model", str(self.model_path), "--port", str(self.port),
                 "--key-file", str(self.key_file), "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms),
                 "--workers", str(self.workers), "--body-timeout-s", str(self.body_timeout_s),
-                "--header-timeout-s", str(self.header_timeout_s)]
+                "--header-timeout-s", str(self.header_timeout_s), "--tmp-dir", str(self.tmp_dir)]
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.workdir / "tmp"
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop every process of the server (raises if one survives), then remove its temporary folder."""
+        try:
+            super().stop(timeout_s)
+        finally:
+            if self.process.proc is None:  # stopped: nothing uses the folder any more
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

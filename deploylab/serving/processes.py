@@ -4,8 +4,9 @@ Every server the course starts from Python (TorchServe, the ASGI server, the sca
 runs through :class:`ServerProcess`:
 
 - :meth:`ServerProcess.launch` -- ``Popen`` in a new session (process group), output to a log file,
-  and an entry in the exit registry, so a notebook kernel that exits or restarts takes its
-  servers down (:func:`stop_at_exit`, run by ``atexit``);
+  and an entry in the exit registry, so a notebook kernel that exits, restarts or receives SIGTERM
+  takes its servers down (:func:`stop_at_exit`: run by ``atexit`` and by the kit's SIGTERM handler,
+  which then calls the handler it replaced);
 - :meth:`ServerProcess.wait_until` -- poll a readiness check, failing early (with the log's tail)
   when the process exits during start-up;
 - :meth:`ServerProcess.stop` -- SIGTERM to the group, SIGKILL to whatever is left, the secrets it
@@ -20,6 +21,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -55,13 +57,39 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-# Every server started from this process: anything with stop().
-_RUNNING: "weakref.WeakSet[Any]" = weakref.WeakSet()
+class _Registry:
+    """The servers started from this process, oldest first, held weakly (a server nobody holds is not kept alive)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, server: Any) -> None:
+        key = id(server)
+        self._refs.pop(key, None)  # registered again: now the newest
+        self._refs[key] = weakref.ref(server, lambda ref, key=key: self._refs.get(key) is ref and self._refs.pop(key))
+
+    def discard(self, server: Any) -> None:
+        if server in self:
+            del self._refs[id(server)]
+
+    def __contains__(self, server: Any) -> bool:
+        ref = self._refs.get(id(server))
+        return ref is not None and ref() is server
+
+    def newest_first(self) -> list[Any]:
+        return [s for s in (ref() for ref in reversed(list(self._refs.values()))) if s is not None]
+
+
+# Every server started from this process: anything with stop(), and optionally stop_now() (see _stop_all).
+_RUNNING = _Registry()
+_stopping = False  # _stop_all is running: a SIGTERM meanwhile must not cut it short
+_chained_sigterm: Any = signal.SIG_DFL  # the SIGTERM handler the kit's replaced, called after the servers are stopped
 
 
 def stop_at_exit(server: Any) -> None:
-    """Stop ``server`` (its ``stop()``) when the interpreter exits, unless :func:`forget_at_exit` came first."""
+    """Stop ``server`` when the interpreter exits or receives SIGTERM, unless :func:`forget_at_exit` came first."""
     _RUNNING.add(server)
+    stop_on_sigterm()
 
 
 def forget_at_exit(server: Any) -> None:
@@ -70,10 +98,59 @@ def forget_at_exit(server: Any) -> None:
 
 
 @atexit.register
-def _stop_all() -> None:  # a notebook kernel that exits (or restarts) takes its servers down
-    for server in list(_RUNNING):
-        with contextlib.suppress(Exception):
-            server.stop()
+def _stop_all() -> None:
+    """Stop every registered server, newest first (a cluster before the nodes it was built on).
+
+    What a notebook kernel runs when it exits, restarts or receives SIGTERM. A server's ``stop_now()``
+    is preferred to its ``stop()`` where it has one: Jupyter sends SIGTERM to a kernel that is still
+    alive 2.5 s after its shutdown request and SIGKILL 2.5 s later, so the exit path must be quick.
+    """
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
+    try:
+        for server in _RUNNING.newest_first():
+            if server in _RUNNING:  # not already stopped by one stopped before it
+                with contextlib.suppress(Exception):
+                    getattr(server, "stop_now", server.stop)()
+                _RUNNING.discard(server)
+    finally:
+        _stopping = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM: stop every registered server, then do what the handler we replaced would have done."""
+    if _stopping:  # already stopping them (the kernel is exiting): let that finish
+        return
+    _stop_all()
+    if callable(_chained_sigterm):  # e.g. Ray's driver handler (sys.exit) or a CLI's own
+        _chained_sigterm(signum, frame)
+    elif _chained_sigterm != signal.SIG_IGN:  # the default: die of SIGTERM, as without the kit
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stop_on_sigterm() -> bool:
+    """Make SIGTERM stop the registered servers first; the handler found is called afterwards.
+
+    Without it, SIGTERM kills the process (the default) or runs another library's handler, and the
+    servers, each in its own process group, outlive it. Ray's ``ray.init`` installs its own handler:
+    call this again after it (:class:`~deploylab.serving.ray_cluster.RayCluster` does). Only the main
+    thread can set a handler, and a process that ignores SIGTERM keeps ignoring it; returns whether
+    the kit's handler is in place.
+    """
+    global _chained_sigterm
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    current = signal.getsignal(signal.SIGTERM)
+    if current is _on_sigterm:
+        return True
+    if current == signal.SIG_IGN:
+        return False
+    _chained_sigterm = signal.SIG_DFL if current is None else current
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return True
 
 
 def rss_bytes(processes: Iterable[psutil.Process]) -> int:

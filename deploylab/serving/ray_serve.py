@@ -3,9 +3,8 @@
 Lesson 08 runs the same ONNX model and the same HTTP door as the other servers on an existing
 distributed engine:
 
-- :class:`RayCluster` -- ``ray start --head`` (and ``ray start --address`` for a second node) as
-  separate processes, each in its own process group via :class:`~deploylab.serving.processes.ServerProcess`,
-  with a private temp dir, usage statistics and the dashboard off, every port on loopback;
+- :class:`~deploylab.serving.ray_cluster.RayCluster` -- ``ray start`` processes, one per node, each in
+  its own process group (:mod:`~deploylab.serving.ray_cluster`);
 - :class:`Classifier` -- the Ray Serve deployment: the bearer check and the bounded body read of
   :mod:`~deploylab.serving.http_input`, :func:`~deploylab.serving.protocol.decode_http` for every
   input, then ``@serve.batch`` so that one ``session.run`` serves up to ``max_batch`` requests;
@@ -24,8 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -37,6 +34,7 @@ import numpy as np
 import psutil
 import ray
 from ray import serve
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -45,18 +43,27 @@ from . import protocol
 from .api import Client
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
 from .load import LoadResult, kill_under_load
-from .processes import ServeError, ServerProcess, free_ports, port_in_use
+from .processes import ServeError, forget_at_exit, free_ports, port_in_use, stop_at_exit
+from .ray_cluster import EXIT_TIMEOUT_S, RAY_ENV, RayCluster, ray_processes  # noqa: F401  (RAY_ENV, ray_processes: the lesson's)
 
 APP_NAME = "classifier"
 DEPLOYMENT_NAME = "Classifier"
 KEY_ENV = "DEPLOYLAB_INFERENCE_KEY"
 SERVE_LOGGING = {"log_level": "WARNING", "enable_access_log": False}  # Serve's controller, proxy and replicas
-# What every Ray process of the course gets: no usage statistics sent anywhere, one thread per
-# replica's ONNX Runtime, and autoscaling metrics pushed every 0.5 s (the default, 10 s, is too slow to see
-# scaling in a lesson).
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
-           "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-           "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
+# Load shedding. A replica takes MAX_ONGOING requests at once (Serve's default, 5, would starve the batcher
+# of 16); up to MAX_QUEUED more wait in the proxy's router; beyond, Serve answers 503 with Retry-After at
+# once. Measured with 200 clients against one replica on 2 cores: with 256 queued, requests waited up to
+# 20 s and more -- a queued request retries its replica with a backoff that grows to 0.5 s (Serve's
+# default), so slots freed by the replica stayed empty while the CPUs idled (10 answers/s). With 32
+# queued and the backoff capped at 20 ms, every request was answered within about 1 s or shed at once.
+MAX_ONGOING = 32
+MAX_QUEUED = 32
+RETRY_AFTER_S = 1.0
+ROUTER_BACKOFF = {"initial_backoff_s": 0.005, "max_backoff_s": 0.02}
+# Serve's HTTP proxy (uvicorn) closes a connection idle this long after its last answer: longer than
+# httpx's keepalive_expiry (5 s), so that a client always closes first and never reuses a closing
+# connection. Ray 2.60 has no timeout for a connection that sends nothing or half a request.
+KEEP_ALIVE_S = 10
 
 
 @dataclass(frozen=True)
@@ -147,17 +154,21 @@ class Classifier:
         return list(self.sess.run(None, {self.input_name: np.concatenate(xs)})[0])
 
 
-def deployment(*, num_replicas: int | None = 1, autoscaling: dict[str, Any] | None = None, max_ongoing_requests: int = 32,
-               max_queued_requests: int = 256, replica_cpus: float = 0.5, max_replicas_per_node: int | None = None):
+def deployment(*, num_replicas: int | None = 1, autoscaling: dict[str, Any] | None = None,
+               max_ongoing_requests: int = MAX_ONGOING, max_queued_requests: int = MAX_QUEUED,
+               replica_cpus: float = 0.5, max_replicas_per_node: int | None = None):
     """The :class:`Classifier` as a Ray Serve deployment with the course's options.
 
     ``max_ongoing_requests`` per replica (Serve's default, 5, would starve the batcher of 16);
-    beyond ``max_queued_requests`` waiting in the proxy, a 503 with ``Retry-After`` (load shed on
-    purpose); health checked every second, so that a dead replica is noticed at once.
+    beyond ``max_queued_requests`` waiting in the proxy's router, a 503 with ``Retry-After`` at once
+    (``backpressure_config``: load shed on purpose, see :data:`MAX_QUEUED`); health checked every
+    second, so that a dead replica is noticed at once.
     """
     options: dict[str, Any] = dict(name=DEPLOYMENT_NAME, max_ongoing_requests=max_ongoing_requests,
-                                   max_queued_requests=max_queued_requests, health_check_period_s=1.0,
-                                   health_check_timeout_s=5.0, graceful_shutdown_timeout_s=2.0,
+                                   max_queued_requests=max_queued_requests,
+                                   backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
+                                   request_router_config=RequestRouterConfig(**ROUTER_BACKOFF),
+                                   health_check_period_s=1.0, health_check_timeout_s=5.0, graceful_shutdown_timeout_s=2.0,
                                    ray_actor_options={"num_cpus": replica_cpus})
     if autoscaling is not None:
         options["autoscaling_config"] = autoscaling
@@ -168,6 +179,11 @@ def deployment(*, num_replicas: int | None = 1, autoscaling: dict[str, Any] | No
     return serve.deployment(**options)(Classifier)
 
 
+def http_options(port: int, host: str = "127.0.0.1") -> dict[str, Any]:
+    """Serve's HTTP proxy on ``host:port``, closing idle keep-alive connections after :data:`KEEP_ALIVE_S`."""
+    return {"host": host, "port": port, "keep_alive_timeout_s": KEEP_ALIVE_S}
+
+
 def build_app(args: dict[str, Any]):
     """The application builder for a Serve config file (``import_path: deploylab.serving.ray_serve:build_app``).
 
@@ -175,128 +191,6 @@ def build_app(args: dict[str, Any]):
     from :data:`KEY_ENV`. Replica counts and autoscaling come from the config file's deployment options.
     """
     return deployment(num_replicas=None).bind(str(args["model"]), args.get("key_file"))
-
-
-# --------------------------------------------------------------------------------------------
-# The cluster
-# --------------------------------------------------------------------------------------------
-
-
-def _ray_command() -> str:
-    ray_bin = Path(sys.executable).with_name("ray")
-    return str(ray_bin) if ray_bin.exists() else shutil.which("ray") or "ray"
-
-
-def ray_processes(temp_dir: str | os.PathLike) -> list[psutil.Process]:
-    """Live processes whose command line names ``temp_dir``: what a cluster started there left running.
-
-    Ray's own ``ray stop`` kills by process name machine-wide; matching the private temp dir finds
-    this cluster's processes only (raylet, GCS, workers, agents).
-    """
-    mark, found = str(temp_dir), []
-    for p in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any(mark in part for part in p.info["cmdline"] or ()) and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-    return found
-
-
-class RayCluster:
-    """A Ray cluster of ``nodes`` nodes on this machine: each node ``ray start --block`` in its own process group.
-
-    ``cpus`` (default: the machine's cores) is split evenly over the nodes, so that two nodes on a
-    2-core machine are two 1-CPU nodes. The driver (this process) joins with ``ray.init(address=...)``.
-    """
-
-    def __init__(self, nodes: int = 1, cpus: int | None = None, *, start_timeout_s: float = 120.0):
-        if nodes < 1:
-            raise ValueError(f"need at least one node, got {nodes}")
-        self.nodes, self.cpus = nodes, cpus or os.cpu_count() or 1
-        if self.cpus < nodes:
-            raise ValueError(f"{nodes} nodes need at least {nodes} CPUs, got {self.cpus}")
-        self.start_timeout_s = start_timeout_s
-        self.temp_dir: Path | None = None  # short, under /tmp: Ray's socket paths must fit in 107 bytes
-        self.port: int | None = None
-        self.node_processes: list[ServerProcess] = []
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _node_command(self, head: bool, cpus: int) -> list[str]:
-        cmd = [_ray_command(), "start", "--block", f"--num-cpus={cpus}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
-               "--disable-usage-stats"]
-        if head:
-            return cmd + ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
-                          "--dashboard-host=127.0.0.1", "--ray-client-server-port", str(free_ports(1)[0])]
-        # a second node on the same host needs its own dashboard-agent port (the default, 52365, is the head's)
-        agent, metrics = free_ports(2)
-        return cmd + [f"--address={self.address}", f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}"]
-
-    def start(self) -> "RayCluster":
-        """Start the head, then the other nodes; join as the driver; wait until every node is alive."""
-        if ray.is_initialized():
-            raise ServeError("this process is already connected to a Ray cluster: stop it first (ray.shutdown())")
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-dl-", dir="/tmp"))
-        self.port = free_ports(1)[0]
-        env = {**os.environ, **RAY_ENV}
-        share = [self.cpus // self.nodes] * self.nodes
-        share[0] += self.cpus - sum(share)
-        try:
-            for i, cpus in enumerate(share):
-                node = ServerProcess(f"Ray node {i} ({'head' if i == 0 else 'worker'})", self.temp_dir / f"node{i}.log")
-                self.node_processes.append(node)
-                node.launch(self._node_command(i == 0, cpus), cwd=config.ROOT, env=env)
-                if i == 0:
-                    node.wait_until(lambda: port_in_use(self.port), self.start_timeout_s, poll_s=0.2)
-            ray.init(address=self.address, log_to_driver=False, logging_level="WARNING", configure_logging=True)
-            self.node_processes[0].wait_until(lambda: len(self.alive_nodes()) >= self.nodes, self.start_timeout_s, poll_s=0.2)
-        except BaseException:
-            self.stop()
-            raise
-        for node in self.node_processes:
-            node.remember()
-        return self
-
-    def alive_nodes(self) -> list[dict[str, Any]]:
-        """``ray.nodes()`` that are alive: id, address and CPUs of each."""
-        return [{"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "cpus": n["Resources"].get("CPU", 0.0),
-                 "head": "node:__internal_head__" in n["Resources"]}
-                for n in ray.nodes() if n["Alive"]]
-
-    def processes(self) -> list[psutil.Process]:
-        """Every live process of this cluster (found by its temp dir, and the nodes' process trees)."""
-        seen = {p.pid: p for node in self.node_processes for p in node.processes()}
-        if self.temp_dir is not None:
-            seen.update({p.pid: p for p in ray_processes(self.temp_dir)})
-        return sorted(seen.values(), key=lambda p: p.pid)
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Disconnect the driver, stop worker nodes then the head; raises if any of the cluster's processes survives.
-
-        Serve's state is already gone (``serve.shutdown``) and a node holds nothing worth saving, so
-        whatever has not exited ``timeout_s`` after SIGTERM is killed (Ray's agents linger ~30 s).
-        """
-        with contextlib.suppress(Exception):
-            ray.shutdown()
-        leftovers = []
-        for node in reversed(self.node_processes):
-            try:
-                node.stop(timeout_s)
-            except ServeError as e:
-                leftovers.append(str(e))
-        if self.temp_dir is not None:
-            stragglers = ray_processes(self.temp_dir)
-            for p in stragglers:
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
-            psutil.wait_procs(stragglers, timeout=10)
-            if ray_processes(self.temp_dir):
-                leftovers.append(f"processes under {self.temp_dir} survived: {[p.pid for p in ray_processes(self.temp_dir)]}")
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
-        self.node_processes = []
-        if leftovers:
-            raise ServeError("; ".join(leftovers))
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +258,7 @@ class RayServeServer:
         try:
             self.cluster.start()
             logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's INFO lines, in a notebook
-            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": self.port},
+            serve.start(proxy_location="HeadOnly", http_options=http_options(self.port),
                         logging_config=SERVE_LOGGING)
             self.deploy(num_replicas=self.num_replicas, autoscaling=self.autoscaling,
                         max_replicas_per_node=self.max_replicas_per_node)
@@ -374,6 +268,7 @@ class RayServeServer:
             self.stop()
             raise
         self.ready_s = time.perf_counter() - t0
+        stop_at_exit(self)  # newer than its cluster: the key file goes too
         return self
 
     def deploy(self, *, num_replicas: int = 1, autoscaling: dict[str, Any] | None = None,
@@ -461,15 +356,20 @@ class RayServeServer:
         wrong = sum(got != want for got, want in answers)
         return ReplicaFault(victim, killed_at, replaced, load.requests - load.ok, wrong, load)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Shut Serve down, stop the cluster; deletes the key; raises if a process survives."""
+    def stop(self, timeout_s: float = 5.0, *, graceful: bool = True) -> None:
+        """Shut Serve down (``graceful``), stop the cluster; deletes the key; raises if a process survives."""
         with contextlib.suppress(Exception):
-            if ray.is_initialized():
+            if graceful and ray.is_initialized():
                 serve.shutdown()
         try:
             self.cluster.stop(timeout_s)
         finally:
             self.key_file.unlink(missing_ok=True)
+            forget_at_exit(self)
+
+    def stop_now(self) -> None:
+        """The exit path (interpreter exit, SIGTERM): no graceful Serve shutdown, the cluster stopped at once."""
+        self.stop(EXIT_TIMEOUT_S, graceful=False)
 
 
 def _pings(client: Client) -> bool:
