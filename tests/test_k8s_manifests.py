@@ -140,3 +140,70 @@ def test_rayservice_has_what_kuberay_requires_and_a_valid_serve_config():
 def test_no_secret_value_is_committed():
     kinds = [d["kind"] for path in MANIFESTS for d in _documents(path.name)]
     assert "Secret" not in kinds, "the Secret is created by the reader (namespace.yaml says how), never committed"
+
+
+def _serve_deployment(rs: dict):
+    from ray.serve.schema import ServeDeploySchema
+
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(rs["spec"]["serveConfigV2"]))
+    return serve_config, serve_config.applications[0].deployments[0]
+
+
+def _cpus(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def test_rayservice_adds_worker_pods_for_the_replicas_serve_asks_for():
+    """Serve's autoscaler asks for up to max_replicas replicas; only Ray's autoscaler (KubeRay's in-tree one)
+    adds the pods to place those past what the first worker pod holds."""
+    rs = _kind("RayService")
+    cluster = rs["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    options = cluster["autoscalerOptions"]
+    assert set(options["resources"]) == {"requests", "limits"}, "the autoscaler sidecar's resources are bounded"
+    assert options["securityContext"]["allowPrivilegeEscalation"] is False and options["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    _, dep = _serve_deployment(rs)
+    per_replica = dep.ray_actor_options.num_cpus
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "the head places no replica"
+    (group,) = cluster["workerGroupSpecs"]
+    (worker,) = group["template"]["spec"]["containers"]
+    per_pod = int(_cpus(worker["resources"]["requests"]["cpu"]) // per_replica)
+    assert per_pod * group["replicas"] < dep.autoscaling_config["max_replicas"], "one pod would hold them all: nothing to test"
+    assert per_pod * group["maxReplicas"] >= dep.autoscaling_config["max_replicas"], \
+        f"{group['maxReplicas']} pods of {per_pod} replicas cannot hold Serve's {dep.autoscaling_config['max_replicas']}"
+    # the sidecar talks to the Kubernetes API with the head pod's ServiceAccount token; workers need none
+    assert cluster["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert group["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_rayservice_sheds_load_as_lesson_08_does():
+    from deploylab.serving import ray_serve
+
+    serve_config, dep = _serve_deployment(_kind("RayService"))
+    assert dep.max_ongoing_requests == ray_serve.MAX_ONGOING and dep.max_queued_requests == ray_serve.MAX_QUEUED
+    assert dep.backpressure_config.status_code == 503 and dep.backpressure_config.retry_after_s == ray_serve.RETRY_AFTER_S
+    assert dict(dep.request_router_config) == ray_serve.ROUTER_BACKOFF
+    assert serve_config.http_options.keep_alive_timeout_s == ray_serve.KEEP_ALIVE_S
+
+
+def test_ray_pods_admit_serve_from_clients_and_rays_own_ports_only_from_ray_pods():
+    cluster = _kind("RayService")["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    policy = _named("NetworkPolicy", "deploylab-ray")["spec"]
+    selector = policy["podSelector"]["matchLabels"]
+    for template in templates:
+        assert selector.items() <= template["metadata"]["labels"].items(), "the policy must select every Ray pod"
+    assert policy["policyTypes"] == ["Ingress"]
+    ray_pods = {"podSelector": {"matchLabels": selector}}
+    for rule in policy["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if not ports:  # every port: only from the Ray pods themselves
+            assert rule["from"] == [ray_pods], rule
+        elif ports == {8000}:  # Serve's HTTP proxy: the namespace's pods and the ingress controller
+            assert {"podSelector": {}} in rule["from"], rule
+        else:  # the dashboard and its agents: only the KubeRay operator's pods
+            assert ports <= {8265, 52365}, rule
+            assert all(src.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/name": "kuberay-operator"}
+                       for src in rule["from"]), rule
+    assert any(not r.get("ports") for r in policy["ingress"]) and any({p["port"] for p in r.get("ports", [])} == {8000}
+                                                                       for r in policy["ingress"])
