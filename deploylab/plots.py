@@ -132,3 +132,24 @@ def replica_timeline(points: list[tuple[float, int]], load_window: tuple[float, 
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def latency_vs_offered_load(curves: dict[str, list[dict[str, Any]]], slo_ms: float) -> Figure:
+    """Lessons 07/08: p50 and p99 latency against offered load (the Server scenario's trials), one
+    colour per server, the SLO drawn: where a curve leaves the SLO is that server's knee.
+
+    ``curves``: server name -> rows with ``offered/s``, ``p50 ms`` and ``p99 ms`` (``ServerScenario.table()``).
+    """
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for i, (name, rows) in enumerate(curves.items()):
+        rows = sorted(rows, key=lambda r: r["offered/s"])
+        x = [r["offered/s"] for r in rows]
+        ax.plot(x, [r["p99 ms"] for r in rows], "o-", color=f"C{i}", label=f"{name} p99")
+        ax.plot(x, [r["p50 ms"] for r in rows], ".:", color=f"C{i}", alpha=0.6, label=f"{name} p50")
+    ax.axhline(slo_ms, color="black", ls="--", lw=1, label=f"SLO: p99 <= {slo_ms:g} ms")
+    ax.set(xscale="log", yscale="log", xlabel="offered load (requests/s, Poisson arrivals)",
+           ylabel="latency from intended send (ms)", title="latency against offered load (Server scenario trials)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    fig.tight_layout()
+    return fig

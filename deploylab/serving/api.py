@@ -55,6 +55,12 @@ class Client:
             self.renewals += 1
         return r
 
+    def token(self, api: str = "inference") -> str | None:
+        """The bearer token this client sends to ``api`` ("inference" or "management"), None without one
+        (the load generator builds its requests with it)."""
+        headers = self._inference_headers if api == "inference" else self._management_headers
+        return headers["Authorization"].removeprefix("Bearer ") if headers else None
+
     def close(self) -> None:
         self.http.close()
 

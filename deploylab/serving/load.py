@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .. import bench, config, data, onnxrt
 from ..config import Profile
 from .api import Client
+from .loadgen import LoadgenResult
 from .processes import ServeError
 from .protocol import png_bytes
 
@@ -71,6 +72,16 @@ class LoadResult:
         return {"model": self.model, "concurrency": self.concurrency, "requests": self.requests, "ok": self.ok,
                 "5xx": self.errors_5xx, "images/s": self.throughput,
                 "p50 ms": s.p50_ms if s else None, "p90 ms": s.p90_ms if s else None, "p99 ms": s.p99_ms if s else None}
+
+
+def from_loadgen(result: LoadgenResult, model: str) -> LoadResult:
+    """A closed-loop run of :mod:`~deploylab.serving.loadgen` as a :class:`LoadResult` (transport errors as status 0)."""
+    statuses = dict(result.statuses)
+    if result.transport_errors:
+        statuses[0] = statuses.get(0, 0) + sum(result.transport_errors.values())
+    return LoadResult(model, result.connections, result.sent, result.seconds, dict(sorted(statuses.items())),
+                      list(result.latencies_s * 1e3), [],
+                      {0: {"message": str(result.transport_errors), "retry_after": None}} if result.transport_errors else {})
 
 
 def load_run(client: Client, model: str, bodies: Sequence[bytes], *, concurrency: int, requests: int | None,

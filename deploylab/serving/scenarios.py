@@ -21,8 +21,37 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from .. import config
 from .loadgen import LoadgenResult, closed_loop, open_loop
 from .processes import cpu_seconds
+
+# The latency bound of the Server scenario. MLPerf Inference bounds ResNet50-v1.5's p99 at 15 ms in its
+# Server scenario (datacenter); the student is far cheaper than ResNet50 at 224x224, so the same bound
+# leaves room for queueing and batching, and a server that misses it is queueing, not computing.
+SLO_MS = 15.0
+
+
+@dataclass(frozen=True)
+class ScenarioSizes:
+    """Sizes of the scenario runs per profile (lessons 07 and 08; the code path is the same in every profile)."""
+
+    single_stream: int  # requests of SingleStream
+    offline_seconds: float  # the Offline run
+    trial_seconds: float  # each trial of the Server search
+    min_samples: int  # at least this many requests behind each trial's p99
+    steps: int  # bisection steps of the Server search after its two bounds
+
+
+SIZES: dict[str, ScenarioSizes] = {
+    "smoke": ScenarioSizes(single_stream=100, offline_seconds=1.0, trial_seconds=0.5, min_samples=200, steps=3),
+    "workshop": ScenarioSizes(single_stream=1_000, offline_seconds=4.0, trial_seconds=2.0, min_samples=1_000, steps=5),
+    "full": ScenarioSizes(single_stream=3_000, offline_seconds=10.0, trial_seconds=5.0, min_samples=3_000, steps=6),
+}
+
+
+def sizes(profile: "config.Profile") -> ScenarioSizes:
+    """The scenario sizes for ``profile``."""
+    return SIZES[profile.name]
 
 
 def single_stream(host: str, port: int, requests: Sequence[bytes], *, count: int, **kwargs) -> LoadgenResult:
