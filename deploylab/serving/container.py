@@ -214,16 +214,25 @@ class Container:
     def url(self, api: str = "inference") -> str:
         return f"http://127.0.0.1:{self.ports[api]}"
 
+    def renewed_tokens(self) -> dict[str, str]:
+        """The keys after the image's health check has run once inside the container: it renews a key
+        that expires soon with TorchServe's API key (``docker/healthcheck.py``), then they are read."""
+        docker("exec", self._id(), "/opt/venv/bin/python", "/app/healthcheck.py", check=False)
+        return self.tokens()
+
     def client(self, timeout_s: float = 30.0) -> Client:
-        """A :class:`~deploylab.serving.api.Client` with the inference key.
+        """A :class:`~deploylab.serving.api.Client` with the inference key, renewed when refused.
 
         The management API is not published, so the client's management URL is the inference
         URL: management calls (describe, scale) answer 4xx from outside the container, as they should.
+        TorchServe's keys expire after 60 minutes; the container's health check renews them, and this
+        client reads the new ones (``renewed_tokens``) when its key is refused.
         """
         t = self.tokens()
         inference = self.url("inference")
         return Client(inference, inference, self.url("metrics") if "metrics" in self.ports else inference,
-                      inference_key=t["inference"], management_key=t["management"], timeout_s=timeout_s)
+                      inference_key=t["inference"], management_key=t["management"], timeout_s=timeout_s,
+                      renew=self.renewed_tokens)
 
     def logs(self, tail: int = 50) -> str:
         """The last lines of the container's output (TorchServe's console log)."""
