@@ -4,7 +4,7 @@
 #
 #   docker/build_and_test.sh [--profile smoke|workshop|full] [--wheels DIR] [--certs FILE|DIR] [--build-arg K=V] [--keep]
 #   docker/build_and_test.sh engine       # check (as root: start) the Docker engine
-#   docker/build_and_test.sh base-image   # the debootstrap stand-in for debian:bookworm-slim, if missing
+#   docker/build_and_test.sh base-image   # the debootstrap stand-in for debian:bookworm-slim (deploylab-debian:bookworm-slim), if missing
 #   docker/build_and_test.sh build        # build only
 #   docker/build_and_test.sh clean        # remove containers left by an interrupted run
 #   docker/build_and_test.sh lint         # hadolint docker/Dockerfile

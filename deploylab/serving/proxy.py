@@ -61,7 +61,7 @@ class ProxySizes:
 
 
 SIZES: dict[str, ProxySizes] = {
-    "smoke": ProxySizes(rounds=4, requests=15),
+    "smoke": ProxySizes(rounds=2, requests=10, warmup=4),
     "workshop": ProxySizes(rounds=6, requests=80),
     "full": ProxySizes(rounds=10, requests=150),
 }
@@ -451,6 +451,7 @@ def measure_cost(stack: Stack, bodies: list[bytes], profile: Profile | None = No
         out["variants"].append({
             "request": kind, "path": path, "p50_ms": float(q[0]), "p90_ms": float(q[1]), "p99_ms": float(q[2]),
             "mean_ms": float(np.mean(lat[(kind, path)])), "round_p50_ms": round_p50[(kind, path)],
+            "latencies_ms": lat[(kind, path)],
             "statuses": statuses[(kind, path)], "nginx_cpu_ms": cpu[(kind, path)][0] / n / 1e6,
             "torchserve_cpu_ms": cpu[(kind, path)][1] / n / 1e6, "client_cpu_ms": cpu[(kind, path)][2] / n * 1e3})
     for kind in kinds:
