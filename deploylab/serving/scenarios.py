@@ -25,10 +25,11 @@ from .. import config
 from .loadgen import LoadgenResult, closed_loop, open_loop
 from .processes import cpu_seconds
 
-# The latency bound of the Server scenario. MLPerf Inference bounds ResNet50-v1.5's p99 at 15 ms in its
-# Server scenario (datacenter); the student is far cheaper than ResNet50 at 224x224, so the same bound
-# leaves room for queueing and batching, and a server that misses it is queueing, not computing.
-SLO_MS = 15.0
+# The latency bound of the Server scenario: p99 within 50 ms. An interactive request has about 100 ms
+# before a person notices a delay; half of it is left for the network and the client. (MLPerf bounds
+# ResNet50's p99 at 15 ms in its datacenter Server scenario, on accelerators and dedicated hosts; this
+# course runs every server and its load generator on the same 2 CPU cores.)
+SLO_MS = 50.0
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ class ScenarioSizes:
 
 
 SIZES: dict[str, ScenarioSizes] = {
-    "smoke": ScenarioSizes(single_stream=100, offline_seconds=1.0, trial_seconds=0.5, min_samples=200, steps=3),
-    "workshop": ScenarioSizes(single_stream=1_000, offline_seconds=4.0, trial_seconds=2.0, min_samples=1_000, steps=5),
+    "smoke": ScenarioSizes(single_stream=60, offline_seconds=0.6, trial_seconds=0.3, min_samples=150, steps=2),
+    "workshop": ScenarioSizes(single_stream=1_000, offline_seconds=3.0, trial_seconds=1.5, min_samples=600, steps=4),
     "full": ScenarioSizes(single_stream=3_000, offline_seconds=10.0, trial_seconds=5.0, min_samples=3_000, steps=6),
 }
 
