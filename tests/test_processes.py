@@ -144,3 +144,33 @@ def test_the_exit_registry_stops_the_newest_first_and_prefers_stop_now():
     processes._stop_all()
     assert log == ["node", "server", "cluster now"]
     assert not any(s in processes._RUNNING for s in (node, cluster, server))
+
+
+# a process that starts a server which must die with it, says so, then waits to be killed
+ORPHANED = r"""
+import sys, time
+from deploylab.serving.processes import ServerProcess
+server = ServerProcess("sleeper", sys.argv[1])
+server.launch([sys.executable, "-c", "import time; time.sleep(600)"], cwd=".", env={}, die_with_parent=True)
+print("server", server.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_server_launched_to_die_with_its_parent_does_when_the_parent_is_killed(tmp_path):
+    """SIGKILL runs no handler: a server in its own session would outlive its parent, unless it asked the
+    kernel for SIGTERM when the parent dies (what a Ray node does for its driver)."""
+    proc = subprocess.Popen([sys.executable, "-c", ORPHANED, str(tmp_path / "sleeper.log")], cwd=config.ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("server "), line
+    server = psutil.Process(int(line.split()[1]))
+    assert "time.sleep(600)" in " ".join(server.cmdline()), "the launcher exec'd into the command, keeping its pid"
+    proc.kill()
+    proc.wait(timeout=10)
+    try:
+        server.wait(timeout=10)
+    except psutil.TimeoutExpired:
+        server.kill()
+        pytest.fail("the server outlived its parent's SIGKILL")

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -172,6 +173,13 @@ def cpu_seconds(processes: Iterable[psutil.Process]) -> float:
     return total
 
 
+# Run before the server's command (then exec'd into it, same pid): ask the kernel for SIGTERM when the parent
+# dies (Linux's PR_SET_PDEATHSIG, kept across exec), and give up if the parent is already gone.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+                    "os.getppid() == int(sys.argv[1]) or sys.exit('the parent exited before the server started'); "
+                    "os.execvp(sys.argv[2], sys.argv[2:])")
+
+
 class ServerProcess:
     """One server command in its own process group, with its log file and the secrets it writes.
 
@@ -188,10 +196,17 @@ class ServerProcess:
         self._seen: dict[int, psutil.Process] = {}
         self._log: Any = None
 
-    def launch(self, cmd: Sequence[str], *, cwd: str | os.PathLike, env: dict[str, str]) -> None:
-        """Start ``cmd`` in a new session, output to the log file; it is stopped at interpreter exit."""
+    def launch(self, cmd: Sequence[str], *, cwd: str | os.PathLike, env: dict[str, str], die_with_parent: bool = False) -> None:
+        """Start ``cmd`` in a new session, output to the log file; it is stopped at interpreter exit.
+
+        ``die_with_parent`` (Linux): the command gets SIGTERM when this process dies, even by SIGKILL, which
+        no exit handler survives (Jupyter kills a kernel that takes over 5 s to shut down; nbval kills its
+        kernel at once). Only for a command that stops everything it started on SIGTERM (``ray start --block``).
+        """
         if self.proc is not None:
             raise ServeError(f"this {self.name} is already started")
+        if die_with_parent and sys.platform == "linux":
+            cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_file, "wb")
         self.proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,

@@ -5,6 +5,7 @@
   with a private temp dir, usage statistics and the dashboard off; this process joins as the driver.
   The cluster is in the kit's exit registry: a kernel that exits, or receives SIGTERM, stops it
   (Ray's driver installs its own SIGTERM handler in ``ray.init``; the kit's runs first, then Ray's);
+  and a driver killed outright takes its nodes along (they get SIGTERM when it dies);
 - :func:`ray_processes` -- the live processes of a cluster, found by its private temp dir.
 
 :mod:`~deploylab.serving.ray_serve` runs Serve and the course's application on it (lesson 08).
@@ -28,11 +29,14 @@ from . import processes
 from .processes import ServeError, ServerProcess, free_ports, port_in_use
 
 # What every Ray process of the course gets: no usage statistics sent anywhere, one thread per
-# replica's ONNX Runtime, and autoscaling metrics pushed every 0.5 s (the default, 10 s, is too slow to see
-# scaling in a lesson).
+# replica's ONNX Runtime, autoscaling metrics pushed every 0.5 s (the default, 10 s, is too slow to see
+# scaling in a lesson), and no drain on SIGTERM: Ray 2.60's `ray start --block` otherwise waits up to 30 s
+# for Serve's proxies to move traffic to other nodes before it stops its processes -- on one machine,
+# with the whole cluster going, there is nowhere to move it.
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
            "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-           "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
+           "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 EXIT_TIMEOUT_S = 0.5  # at exit or on SIGTERM: a kernel being shut down is killed ~2.5 s after its SIGTERM
 
 
@@ -100,7 +104,8 @@ class RayCluster:
             for i, cpus in enumerate(share):
                 node = ServerProcess(f"Ray node {i} ({'head' if i == 0 else 'worker'})", self.temp_dir / f"node{i}.log")
                 self.node_processes.append(node)
-                node.launch(self._node_command(i == 0, cpus), cwd=config.ROOT, env=env)
+                # die_with_parent: a driver killed with SIGKILL (a kernel Jupyter gave up on) still takes its nodes along
+                node.launch(self._node_command(i == 0, cpus), cwd=config.ROOT, env=env, die_with_parent=True)
                 if i == 0:
                     node.wait_until(lambda: port_in_use(self.port), self.start_timeout_s, poll_s=0.2)
             ray.init(address=self.address, log_to_driver=False, logging_level="WARNING", configure_logging=True)
@@ -131,7 +136,7 @@ class RayCluster:
         """Disconnect the driver, stop worker nodes then the head; raises if any of the cluster's processes survives.
 
         Serve's state is already gone (``serve.shutdown``) and a node holds nothing worth saving, so
-        whatever has not exited ``timeout_s`` after SIGTERM is killed (Ray's agents linger ~30 s).
+        whatever has not exited ``timeout_s`` after SIGTERM is killed.
         """
         with contextlib.suppress(Exception):
             ray.shutdown()

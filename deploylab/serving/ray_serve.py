@@ -64,6 +64,7 @@ ROUTER_BACKOFF = {"initial_backoff_s": 0.005, "max_backoff_s": 0.02}
 # httpx's keepalive_expiry (5 s), so that a client always closes first and never reuses a closing
 # connection. Ray 2.60 has no timeout for a connection that sends nothing or half a request.
 KEEP_ALIVE_S = 10
+CROWD_CLIENTS, CROWD_DEADLINE_S = 200, 10.0  # lesson 08's crowd: every request answered or shed within the deadline
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class ScaleOutSizes:
     autoscale_load_s: float  # how long the load that makes Serve scale up lasts
     autoscale_quiet_s: float  # how long to watch for the scale-down after it
     fault_seconds: float  # the longest the load run with a killed replica may last
+    crowd_seconds: float  # how long 200 connections hammer one replica (each request has CROWD_DEADLINE_S)
     concurrency: tuple[int, ...] = (1, 8, 32)
     max_replicas: int = 3  # the autoscaling maximum (0.5 CPU each: 3 fit on 2 cores with the proxy)
     max_batch: int = 16  # @serve.batch, LitServe's max_batch_size and the custom server's micro-batch
@@ -85,12 +87,12 @@ class ScaleOutSizes:
 
 SIZES: dict[str, ScaleOutSizes] = {
     "smoke": ScaleOutSizes(parity_images=32, load_requests=96, load_seconds=3.0, rounds=1, autoscale_load_s=15.0,
-                           autoscale_quiet_s=20.0, fault_seconds=20.0, concurrency=(1, 32)),
+                           autoscale_quiet_s=20.0, fault_seconds=20.0, crowd_seconds=4.0, concurrency=(1, 32)),
     # workshop and full: parity (and so accuracy) on the whole 10,000-image test set, as every variant of the course
     "workshop": ScaleOutSizes(parity_images=10_000, load_requests=800, load_seconds=10.0, rounds=3, autoscale_load_s=25.0,
-                              autoscale_quiet_s=30.0, fault_seconds=30.0),
+                              autoscale_quiet_s=30.0, fault_seconds=30.0, crowd_seconds=8.0),
     "full": ScaleOutSizes(parity_images=10_000, load_requests=3_000, load_seconds=20.0, rounds=3, autoscale_load_s=40.0,
-                          autoscale_quiet_s=40.0, fault_seconds=40.0),
+                          autoscale_quiet_s=40.0, fault_seconds=40.0, crowd_seconds=10.0),
 }
 
 
@@ -156,18 +158,20 @@ class Classifier:
 
 def deployment(*, num_replicas: int | None = 1, autoscaling: dict[str, Any] | None = None,
                max_ongoing_requests: int = MAX_ONGOING, max_queued_requests: int = MAX_QUEUED,
-               replica_cpus: float = 0.5, max_replicas_per_node: int | None = None):
+               router_backoff: dict[str, float] | None = ROUTER_BACKOFF, replica_cpus: float = 0.5,
+               max_replicas_per_node: int | None = None):
     """The :class:`Classifier` as a Ray Serve deployment with the course's options.
 
     ``max_ongoing_requests`` per replica (Serve's default, 5, would starve the batcher of 16);
     beyond ``max_queued_requests`` waiting in the proxy's router, a 503 with ``Retry-After`` at once
     (``backpressure_config``: load shed on purpose, see :data:`MAX_QUEUED`); health checked every
-    second, so that a dead replica is noticed at once.
+    second, so that a dead replica is noticed at once. ``router_backoff=None`` keeps Serve's default
+    retry backoff (up to 0.5 s), which lesson 08 shows failing a crowd.
     """
     options: dict[str, Any] = dict(name=DEPLOYMENT_NAME, max_ongoing_requests=max_ongoing_requests,
                                    max_queued_requests=max_queued_requests,
                                    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
-                                   request_router_config=RequestRouterConfig(**ROUTER_BACKOFF),
+                                   request_router_config=RequestRouterConfig(**(router_backoff or {})),
                                    health_check_period_s=1.0, health_check_timeout_s=5.0, graceful_shutdown_timeout_s=2.0,
                                    ray_actor_options={"num_cpus": replica_cpus})
     if autoscaling is not None:
@@ -272,14 +276,15 @@ class RayServeServer:
         return self
 
     def deploy(self, *, num_replicas: int = 1, autoscaling: dict[str, Any] | None = None,
-               max_replicas_per_node: int | None = None) -> float:
+               max_replicas_per_node: int | None = None, **options: Any) -> float:
         """(Re)deploy the application with these options on the running cluster; returns seconds until its replicas run.
 
         Serve updates the deployment in place (new replicas start, surplus ones stop), so a lesson can
-        compare 1 and 2 replicas, or switch autoscaling on, without restarting the cluster.
+        compare 1 and 2 replicas, or switch autoscaling on, without restarting the cluster. ``options``:
+        :func:`deployment`'s others (``max_queued_requests``, ``router_backoff``, ...) for this deployment.
         """
-        app = deployment(num_replicas=num_replicas, autoscaling=autoscaling,
-                         max_replicas_per_node=max_replicas_per_node).bind(str(self.model_path), str(self.key_file))
+        app = deployment(num_replicas=num_replicas, autoscaling=autoscaling, max_replicas_per_node=max_replicas_per_node,
+                         **options).bind(str(self.model_path), str(self.key_file))
         t0 = time.perf_counter()
         serve.run(app, name=APP_NAME, route_prefix="/", logging_config=SERVE_LOGGING)
         want = autoscaling["min_replicas"] if autoscaling else num_replicas

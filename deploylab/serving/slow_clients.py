@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -56,4 +57,5 @@ def slow_connections(url: str, key: str, body: bytes, *, watch_s: float = 15.0, 
         results = await asyncio.gather(*(watch(o) for o in openings.values()))
         return dict(zip(openings, results))
 
-    return asyncio.run(run())
+    with ThreadPoolExecutor(1) as pool:  # a thread of its own: a notebook's kernel already runs an event loop
+        return pool.submit(asyncio.run, run()).result()
