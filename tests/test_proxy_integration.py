@@ -209,9 +209,10 @@ def test_pipelined_requests_get_their_own_answers_in_order(stack, expected):
 
 
 def test_overload_is_answered_429_with_retry_after(stack, expected):
-    """250 requests from 25 threads at once: more than the burst of 50 plus 100/s, so some are
-    refused at the door with 429 and Retry-After; none fails otherwise, and a request after the
-    Retry-After delay is served again."""
+    """300 requests from 40 threads at once: more connections than the 32 one client may keep busy
+    and more requests than the burst of 50 plus 100/s (whatever TorchServe's speed on this machine),
+    so some are refused at the door with 429 and Retry-After; none fails otherwise, and a request
+    after the Retry-After delay is served again."""
     png = expected[0][0]
     local = threading.local()
 
@@ -220,11 +221,11 @@ def test_overload_is_answered_429_with_retry_after(stack, expected):
             local.client = stack.client()
         return local.client.post(proxy.PREDICT, content=png)
 
-    with cf.ThreadPoolExecutor(25) as pool:
-        answers = list(pool.map(one, range(250)))
+    with cf.ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(one, range(300)))
     codes = [a.status_code for a in answers]
     refused = [a for a in answers if a.status_code == 429]
-    assert set(codes) <= {200, 429} and refused and codes.count(200) >= 50, {c: codes.count(c) for c in set(codes)}
+    assert set(codes) <= {200, 429} and refused and codes.count(200) >= 25, {c: codes.count(c) for c in set(codes)}
     assert all(a.headers.get("retry-after") == "1" for a in refused)
     assert all("retry-after" not in a.headers for a in answers if a.status_code == 200)
     time.sleep(float(refused[0].headers["retry-after"]))
