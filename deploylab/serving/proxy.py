@@ -56,14 +56,14 @@ class ProxySizes:
 
     rounds: int
     requests: int
-    rate_per_s: float = 20.0  # one request every 50 ms: a prediction takes ~20 ms here (TorchServe's batch delay)
+    rate_per_s: float = 20.0  # one request every 50 ms: a lone prediction takes ~20 ms (10 of them TorchServe's batch delay)
     warmup: int = 10
 
 
 SIZES: dict[str, ProxySizes] = {
     "smoke": ProxySizes(rounds=2, requests=10, warmup=4),
-    "workshop": ProxySizes(rounds=6, requests=80),
-    "full": ProxySizes(rounds=10, requests=150),
+    "workshop": ProxySizes(rounds=12, requests=40),
+    "full": ProxySizes(rounds=20, requests=75),
 }
 
 
