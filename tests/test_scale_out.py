@@ -161,7 +161,7 @@ def test_ray_serve_one_replica_answers_or_sheds_a_crowd_of_200(ray_driver, onnx_
         idle = pool.submit(slow_clients.slow_connections, url, key, bodies[0], watch_s=ray_serve.KEEP_ALIVE_S + 5)
         time.sleep(1.0)  # the idle connection has its answer before the crowd arrives
         shed = pool.submit(_first_shed, url, key, bodies[0], stop)
-        run = loadgen.closed_loop("127.0.0.1", port, requests, connections=200, seconds=8, timeout_s=10, progress=False)
+        run = loadgen.closed_loop("127.0.0.1", port, requests, connections=200, seconds=6, timeout_s=10, progress=False)
         stop.set()
         idle, shed = idle.result()["idle after an answer"], shed.result()
     assert not run.transport_errors, f"requests without an answer within 10 s (or reset): {run.summary()}"

@@ -87,7 +87,7 @@ class ScaleOutSizes:
 
 SIZES: dict[str, ScaleOutSizes] = {
     "smoke": ScaleOutSizes(parity_images=32, load_requests=96, load_seconds=3.0, rounds=1, autoscale_load_s=15.0,
-                           autoscale_quiet_s=20.0, fault_seconds=20.0, crowd_seconds=4.0, concurrency=(1, 32)),
+                           autoscale_quiet_s=20.0, fault_seconds=20.0, crowd_seconds=3.0, concurrency=(1, 32)),
     # workshop and full: parity (and so accuracy) on the whole 10,000-image test set, as every variant of the course
     "workshop": ScaleOutSizes(parity_images=10_000, load_requests=800, load_seconds=10.0, rounds=3, autoscale_load_s=25.0,
                               autoscale_quiet_s=30.0, fault_seconds=30.0, crowd_seconds=8.0),
