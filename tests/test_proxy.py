@@ -87,3 +87,12 @@ def test_split_answers_reads_pipelined_and_chunked_answers():
     answers = proxy.split_answers(data)
     assert [a.status for a in answers] == [200, 429, 404]
     assert answers[0].body == b"ok" and answers[1].body == b"abc" and answers[1].headers["retry-after"] == "1"
+
+
+def test_median_interval_uses_the_sign_tests_order_statistics():
+    diffs = [-1.0, 0.5, 0.7, -0.1, -104.7, 0.3, 0.9, 0.9, -123.8, 0.2, 0.9, -0.6]  # two disturbed rounds
+    low, coverage, high = proxy.median_interval(diffs)
+    assert (low, high) == (-1.0, 0.9) and 0.95 <= coverage < 0.97  # 3rd and 10th of 12: the outliers do not reach it
+    assert proxy.median_interval([1, 2, 3, 4, 5, 6])[::2] == (1, 6)
+    low, coverage, high = proxy.median_interval([0.4, 0.6])  # too few rounds: the whole range, and says so
+    assert (low, high) == (0.4, 0.6) and coverage == 0.5

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import math
 import os
 import secrets
 import shutil
@@ -37,7 +38,7 @@ import numpy as np
 from .. import config
 from ..config import Profile
 from . import docker_build
-from .engine import ContainerError, docker
+from .engine import ContainerError, docker, ensure_base_image
 from .processes import forget_at_exit, free_ports, stop_at_exit
 
 PROXY_IMAGE = "deploylab-proxy:bookworm"
@@ -194,13 +195,13 @@ class Stack:
         return {**os.environ, "DEPLOYLAB_PROFILE": self.image_tag, "DEPLOYLAB_PROXY_PORT": str(self.port),
                 "DEPLOYLAB_PROXY_SECRETS": str(self.secrets.folder.resolve())}
 
-    def compose(self, *args: str, timeout_s: float = 240) -> str:
-        """``docker-compose -p <project> -f docker/compose.yaml <args>``; its stdout."""
+    def compose(self, *args: str, timeout_s: float = 240, check: bool = True) -> str:
+        """``docker-compose -p <project> -f docker/compose.yaml <args>``; its stdout (and stderr unless ``check``)."""
         done = subprocess.run([compose_bin(), "-p", self.project, "-f", str(COMPOSE_FILE), *args], env=self.env(),
                               capture_output=True, text=True, timeout=timeout_s)
-        if done.returncode != 0:
+        if check and done.returncode != 0:
             raise ContainerError(f"docker-compose {' '.join(args)} failed: {done.stderr.strip()[-1500:]}")
-        return done.stdout
+        return done.stdout if check else done.stdout + done.stderr
 
     def __enter__(self) -> "Stack":
         return self.up()
@@ -249,9 +250,7 @@ class Stack:
         raise ContainerError(f"the stack is not healthy: {self.compose('ps')}\n{self.logs()}")
 
     def logs(self, tail: int = 30) -> str:
-        done = subprocess.run([compose_bin(), "-p", self.project, "-f", str(COMPOSE_FILE), "logs", "--no-color",
-                               "--tail", str(tail)], env=self.env(), capture_output=True, text=True, timeout=60)
-        return done.stdout + done.stderr
+        return self.compose("logs", "--no-color", "--tail", str(tail), timeout_s=60, check=False)
 
     @property
     def url(self) -> str:
@@ -268,7 +267,7 @@ class Stack:
     def address(self, service: str) -> str:
         """The container's IP on its first network (TorchServe: the internal one; reachable from this host only)."""
         nets = self.inspect(service)["NetworkSettings"]["Networks"]
-        return next(n["IPAddress"] for name, n in sorted(nets.items()) if n.get("IPAddress"))
+        return next(n["IPAddress"] for _, n in sorted(nets.items()) if n.get("IPAddress"))
 
     def pids(self, service: str, command: str | None = None) -> list[int]:
         """Host process ids of the service's container (``docker top``), only those named ``command`` if given."""
@@ -381,22 +380,38 @@ def raw_exchange(port: int, request: bytes, ca: str | os.PathLike, *, host: str 
 # --------------------------------------------------------------------------------------------
 
 
-def _paced(client: httpx.Client, url: str, bodies: list[bytes] | None, n: int, rate_per_s: float,
-           extensions: dict[str, Any]) -> tuple[list[float], list[int]]:
-    """``n`` requests, open loop: request i is due at start + i / rate; latency from that due time (ms).
-    With ``bodies`` each is a POST of the next body, else a GET."""
-    latencies, statuses = [], []
+def _alternating(paths: list[tuple[httpx.Client, dict[str, Any]]], url: str, bodies: list[bytes] | None, n: int,
+                 rate_per_s: float) -> tuple[list[list[float]], list[list[int]]]:
+    """``n`` requests per path, the paths taking turns request by request (A B A B ...), open loop:
+    request i is due at start + i / rate and its latency runs from that due time (ms), so a stall of
+    the machine hits both paths alike. With ``bodies`` each is a POST of the next body, else a GET."""
+    latencies: list[list[float]] = [[] for _ in paths]
+    statuses: list[list[int]] = [[] for _ in paths]
     start = time.perf_counter()
-    for i in range(n):
+    for i in range(n * len(paths)):
+        (client, ext), j = paths[i % len(paths)], i % len(paths)
         due = start + i / rate_per_s
         time.sleep(max(0.0, due - time.perf_counter()))
         if bodies:
-            r = client.post(url, content=bodies[i % len(bodies)], extensions=extensions)
+            r = client.post(url, content=bodies[(i // len(paths)) % len(bodies)], extensions=ext)
         else:
-            r = client.get(url, extensions=extensions)
-        latencies.append((time.perf_counter() - due) * 1000.0)
-        statuses.append(r.status_code)
+            r = client.get(url, extensions=ext)
+        latencies[j].append((time.perf_counter() - due) * 1000.0)
+        statuses[j].append(r.status_code)
     return latencies, statuses
+
+
+def median_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The median of paired differences and a distribution-free interval for it (order statistics of
+    the sign test: no assumption on the shape, robust to a few disturbed rounds). Returns (low,
+    coverage, high); with too few rounds for ``level`` the interval is the whole range, its coverage lower."""
+    d, n = sorted(diffs), len(diffs)
+    k = 0  # the largest k with P(Binomial(n, 1/2) < k) * 2 <= 1 - level
+    while k + 1 <= n // 2 and 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n <= 1 - level:
+        k += 1
+    coverage = 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n if k else 1 - 2 / 2**n
+    lo, hi = (d[k - 1], d[n - k]) if k else (d[0], d[-1])
+    return lo, coverage, hi
 
 
 def measure_cost(stack: Stack, bodies: list[bytes], profile: Profile | None = None, *,
@@ -404,59 +419,62 @@ def measure_cost(stack: Stack, bodies: list[bytes], profile: Profile | None = No
     """The same requests straight to TorchServe (plain HTTP to its container's address: reachable from
     this host, from no other) and through the proxy (HTTPS with the key to the proxy's container
     address, the certificate checked for the name ``proxy``), each path over one keep-alive
-    connection, open loop at a fixed rate, in interleaved rounds (the four variants in a rotated order
-    each round). Two kinds of request: a prediction (``bodies``, PNG images) and ``GET /ping``, whose
-    small server time shows the proxy's own share.
+    connection, the two paths taking turns request by request, open loop at a fixed rate. Two kinds
+    of request, in alternating blocks: a prediction (``bodies``, PNG images) and ``GET /ping``, whose
+    small server time shows the proxy's own share; ``rounds`` of each.
 
-    Returns, per variant, latency percentiles over all rounds and each round's p50, and CPU per
-    request of nginx's processes, of TorchServe's processes (Java and its workers; not the health
-    checks) and of this client process; per kind, the per-round paired p50 difference proxy - direct.
+    Returns, per kind and path, latency percentiles over all rounds and each round's p50; per kind,
+    the median of the per-round p50 differences proxy - direct with a distribution-free 95 % interval,
+    and CPU per request: nginx's processes per proxied request, TorchServe's processes (the JVM and its
+    workers, not the health checks) and this client process per request of either path.
     """
     s = sizes(config.get_profile(profile))
     rounds, requests, rate = rounds or s.rounds, requests or s.requests, rate_per_s or s.rate_per_s
     direct = httpx.Client(base_url=f"http://{stack.address('serve')}:{TORCHSERVE_PORT}", timeout=30, trust_env=False)
     proxied = httpx.Client(base_url=f"https://{stack.address('proxy')}:{PROXY_PORT}", verify=tls_context(stack.secrets.ca),
                            headers={"Authorization": f"Bearer {stack.secrets.key}"}, timeout=30, trust_env=False)
-    clients = {"direct": (direct, {}), "proxy": (proxied, {"sni_hostname": "proxy"})}
+    paths = {"direct": (direct, {}), "proxy": (proxied, {"sni_hostname": "proxy"})}
     kinds = {"predict": (PREDICT, bodies), "ping": ("/ping", None)}
-    variants = [(kind, path) for kind in kinds for path in clients]
     nginx, serve = stack.pids("proxy", "nginx"), stack.pids("serve")
-    lat: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
-    round_p50: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
-    cpu = {v: [0, 0, 0.0] for v in variants}  # nginx ns, TorchServe ns, client s
-    statuses: dict[tuple[str, str], dict[int, int]] = {v: {} for v in variants}
+    lat = {(k, p): [] for k in kinds for p in paths}
+    round_p50 = {(k, p): [] for k in kinds for p in paths}
+    statuses: dict[tuple[str, str], dict[int, int]] = {(k, p): {} for k in kinds for p in paths}
+    cpu = {k: [0, 0, 0.0] for k in kinds}  # nginx ns, TorchServe ns, client s
     try:
-        for kind, path in variants:  # warm-up: connections, TLS session, TorchServe's workers
-            _paced(clients[path][0], kinds[kind][0], kinds[kind][1], s.warmup, rate, clients[path][1])
+        for url, body in kinds.values():  # warm-up: connections, TLS session, TorchServe's workers
+            _alternating(list(paths.values()), url, body, s.warmup, rate)
         for r in range(rounds):
-            for kind, path in variants[r % len(variants):] + variants[:r % len(variants)]:
-                (client, ext), (url, body) = clients[path], kinds[kind]
+            for kind in (("predict", "ping") if r % 2 == 0 else ("ping", "predict")):
+                url, body = kinds[kind]
                 before = (cpu_ns(nginx), cpu_ns(serve), time.process_time())
-                ms, st = _paced(client, url, body, requests, rate, ext)
+                ms, st = _alternating(list(paths.values()), url, body, requests, rate)
                 after = (cpu_ns(nginx), cpu_ns(serve), time.process_time())
                 for i in range(3):
-                    cpu[(kind, path)][i] += after[i] - before[i]
-                lat[(kind, path)] += ms
-                round_p50[(kind, path)].append(float(np.percentile(ms, 50)))
-                for code in st:
-                    statuses[(kind, path)][code] = statuses[(kind, path)].get(code, 0) + 1
+                    cpu[kind][i] += after[i] - before[i]
+                for path, path_ms, path_st in zip(paths, ms, st):
+                    lat[(kind, path)] += path_ms
+                    round_p50[(kind, path)].append(float(np.percentile(path_ms, 50)))
+                    for code in path_st:
+                        statuses[(kind, path)][code] = statuses[(kind, path)].get(code, 0) + 1
     finally:
         direct.close()
         proxied.close()
-    out: dict[str, Any] = {"rounds": rounds, "requests_per_round": requests, "rate_per_s": rate, "variants": [],
+    n = rounds * requests  # per kind and path
+    out: dict[str, Any] = {"rounds": rounds, "requests_per_round": requests, "rate_per_s": rate, "variants": [], "cpu_ms": {},
                            "added_p50_ms": {}}
-    n = rounds * requests
-    for kind, path in variants:
-        q = np.percentile(lat[(kind, path)], [50, 90, 99])
-        out["variants"].append({
-            "request": kind, "path": path, "p50_ms": float(q[0]), "p90_ms": float(q[1]), "p99_ms": float(q[2]),
-            "mean_ms": float(np.mean(lat[(kind, path)])), "round_p50_ms": round_p50[(kind, path)],
-            "latencies_ms": lat[(kind, path)],
-            "statuses": statuses[(kind, path)], "nginx_cpu_ms": cpu[(kind, path)][0] / n / 1e6,
-            "torchserve_cpu_ms": cpu[(kind, path)][1] / n / 1e6, "client_cpu_ms": cpu[(kind, path)][2] / n * 1e3})
+    for (kind, path), ms in lat.items():
+        q = np.percentile(ms, [50, 90, 99])
+        out["variants"].append({"request": kind, "path": path, "p50_ms": float(q[0]), "p90_ms": float(q[1]), "p99_ms": float(q[2]),
+                                "mean_ms": float(np.mean(ms)), "round_p50_ms": round_p50[(kind, path)], "latencies_ms": ms,
+                                "statuses": statuses[(kind, path)]})
     for kind in kinds:
-        diffs = np.subtract(round_p50[(kind, "proxy")], round_p50[(kind, "direct")])
-        out["added_p50_ms"][kind] = {"median": float(np.median(diffs)), "min": float(diffs.min()), "max": float(diffs.max())}
+        out["cpu_ms"][kind] = {"nginx_per_proxied_request": cpu[kind][0] / n / 1e6,
+                               "torchserve_per_request": cpu[kind][1] / (2 * n) / 1e6,
+                               "client_per_request": cpu[kind][2] / (2 * n) * 1e3}
+        diffs = np.subtract(round_p50[(kind, "proxy")], round_p50[(kind, "direct")]).tolist()
+        lo, coverage, hi = median_interval(diffs)
+        out["added_p50_ms"][kind] = {"median": float(np.median(diffs)), "low": lo, "high": hi, "coverage": coverage,
+                                     "min": min(diffs), "max": max(diffs)}
     return out
 
 
@@ -466,14 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["secrets"] and len(args) == 2:
         made = make_secrets(args[1])
         print(f"CA for clients: {made.ca}\nmount into the proxy: {made.folder} (tls.crt, tls.key, key)")
-        return 0
-    if args == ["build"]:
-        from .engine import ensure_base_image
+    elif args == ["build"]:
         ensure_base_image()
         print(build_proxy_image().to_dict())
-        return 0
-    print("usage: python -m deploylab.serving.proxy secrets DIR | build", file=sys.stderr)
-    return 2
+    else:
+        print("usage: python -m deploylab.serving.proxy secrets DIR | build", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
