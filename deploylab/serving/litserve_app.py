@@ -34,7 +34,7 @@ from . import protocol
 from .asgi import LOOPBACK, MAX_QUEUE, RETRY_AFTER_S, AsgiServer, server_arguments, write_key_file
 from .header_timeout import header_timeout_protocol
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_body, expected_header, read_chunks
-from .processes import port_in_use
+from .processes import forget_at_exit, port_in_use, stop_at_exit
 
 MODEL_NAME = "student"
 
@@ -207,13 +207,18 @@ class LitServeServer(AsgiServer):
     def tmp_dir(self) -> Path:
         return self.workdir / "tmp"
 
+    def start(self) -> "LitServeServer":
+        super().start()
+        stop_at_exit(self)  # newer than its process: at exit too, the temporary folder goes with it
+        return self
+
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop every process of the server (raises if one survives), then remove its temporary folder."""
         try:
             super().stop(timeout_s)
         finally:
-            if self.process.proc is None:  # stopped: nothing uses the folder any more
-                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            forget_at_exit(self)
 
 
 if __name__ == "__main__":
