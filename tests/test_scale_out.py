@@ -63,7 +63,7 @@ def _listening(processes) -> list[tuple[str, int]]:
 DRIVER = r"""
 import json, sys, time
 from deploylab.serving import ray_serve
-server = ray_serve.RayServeServer(sys.argv[1], nodes=1, num_replicas=1).start()
+server = ray_serve.RayServeServer(sys.argv[1], nodes=1, num_replicas=1, keep_alive_s=int(sys.argv[3])).start()
 info = {"url": server.url, "key_file": str(server.key_file), "temp_dir": str(server.cluster.temp_dir),
         "running": server.running(), "replicas": [r["pid"] for r in server.replicas()]}
 with open(sys.argv[2] + ".part", "w") as f:
@@ -73,13 +73,17 @@ time.sleep(600)
 """
 
 
+KEEP_ALIVE_S = 6  # the test cluster's (the course's 75 s is too long to watch), above httpx's keepalive_expiry (5 s)
+
+
 class RayDriver:
     """A Python process driving a :class:`RayServeServer` (one replica), as a notebook kernel does."""
 
     def __init__(self, onnx_path, workdir):
         self.info_file, self.log = workdir / "driver.json", workdir / "driver.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(onnx_path), str(self.info_file)], cwd=config.ROOT,
+            self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(onnx_path), str(self.info_file), str(KEEP_ALIVE_S)],
+                                         cwd=config.ROOT,
                                          stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
         while not self.info_file.exists():
@@ -151,14 +155,15 @@ def _first_shed(url: str, key: str, body: bytes, stop: threading.Event) -> httpx
 def test_ray_serve_one_replica_answers_or_sheds_a_crowd_of_200(ray_driver, onnx_path):
     """200 connections at once against one replica, each sending its next request as soon as it has an answer
     (Retry-After ignored: the worst case): every request answered right or shed with 503 and Retry-After,
-    each within 10 s -- none left waiting. Meanwhile, a connection idle after its answer is closed after KEEP_ALIVE_S."""
+    each within 10 s -- none left waiting. Meanwhile, a connection idle after its answer is closed after the
+    keep-alive timeout given to Serve's http_options (KEEP_ALIVE_S here)."""
     images, _ = data.raw_split("test", 32)
     bodies = [protocol.png_bytes(im) for im in images]
     url, key, port = f"{ray_driver.url}/predictions/student", ray_driver.key(), int(ray_driver.url.rsplit(":", 1)[1])
     requests = loadgen.build_requests("127.0.0.1", port, "/predictions/student", bodies, token=key)
     stop = threading.Event()
     with ThreadPoolExecutor(2) as pool:
-        idle = pool.submit(slow_clients.slow_connections, url, key, bodies[0], watch_s=ray_serve.KEEP_ALIVE_S + 2)
+        idle = pool.submit(slow_clients.slow_connections, url, key, bodies[0], watch_s=KEEP_ALIVE_S + 3)
         time.sleep(1.0)  # the idle connection has its answer before the crowd arrives
         shed = pool.submit(_first_shed, url, key, bodies[0], stop)
         run = loadgen.closed_loop("127.0.0.1", port, requests, connections=ray_serve.CROWD_CLIENTS, seconds=6,
@@ -171,7 +176,7 @@ def test_ray_serve_one_replica_answers_or_sheds_a_crowd_of_200(ray_driver, onnx_
     assert shed is not None and shed.headers.get("retry-after") == str(int(ray_serve.RETRY_AFTER_S)), \
         (shed, shed and dict(shed.headers))
     assert idle["answered"] == 200 and idle["closed after s"] is not None, idle
-    assert ray_serve.KEEP_ALIVE_S - 1 <= idle["closed after s"] <= ray_serve.KEEP_ALIVE_S + 2, idle
+    assert KEEP_ALIVE_S - 0.5 <= idle["closed after s"] <= KEEP_ALIVE_S + 3, idle
     with ray_driver.client() as c:  # served answers still right after the crowd
         assert c.top1("student", images[0]) == _reference_top1(onnx_path, images[:1])[0]
 

@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import config
-from . import protocol
+from . import header_timeout, protocol
 from .api import Client
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
 from .load import LoadResult, kill_under_load
@@ -60,10 +60,12 @@ MAX_ONGOING = 32
 MAX_QUEUED = 32
 RETRY_AFTER_S = 1.0
 ROUTER_BACKOFF = {"initial_backoff_s": 0.005, "max_backoff_s": 0.02}
-# Serve's HTTP proxy (uvicorn) closes a connection idle this long after its last answer: longer than
-# httpx's keepalive_expiry (5 s), so that a client always closes first and never reuses a closing
-# connection. Ray 2.60 has no timeout for a connection that sends nothing or half a request.
-KEEP_ALIVE_S = 10
+# Serve's HTTP proxy (uvicorn) closes a connection idle this long after its last answer: the course's one
+# value (the custom server's, nginx's default), clearly longer than a client or a load balancer keeps an idle
+# connection, so that the client side always closes first and never sends on a closing connection (the
+# keep-alive race of header_timeout.KEEP_ALIVE_S). Ray's default is 90 s. Ray 2.60 has no timeout for a
+# connection that sends nothing or half a request: a reverse proxy in front closes those (lesson 06).
+KEEP_ALIVE_S = header_timeout.KEEP_ALIVE_S
 CROWD_CLIENTS, CROWD_DEADLINE_S = 200, 10.0  # lesson 08's crowd: every request answered or shed within the deadline
 
 
@@ -183,9 +185,9 @@ def deployment(*, num_replicas: int | None = 1, autoscaling: dict[str, Any] | No
     return serve.deployment(**options)(Classifier)
 
 
-def http_options(port: int, host: str = "127.0.0.1") -> dict[str, Any]:
-    """Serve's HTTP proxy on ``host:port``, closing idle keep-alive connections after :data:`KEEP_ALIVE_S`."""
-    return {"host": host, "port": port, "keep_alive_timeout_s": KEEP_ALIVE_S}
+def http_options(port: int, host: str = "127.0.0.1", keep_alive_s: int = KEEP_ALIVE_S) -> dict[str, Any]:
+    """Serve's HTTP proxy on ``host:port``, closing idle keep-alive connections after ``keep_alive_s``."""
+    return {"host": host, "port": port, "keep_alive_timeout_s": keep_alive_s}
 
 
 def build_app(args: dict[str, Any]):
@@ -224,14 +226,14 @@ class RayServeServer:
 
     def __init__(self, model_path: str | os.PathLike, *, nodes: int = 1, num_replicas: int = 1,
                  autoscaling: dict[str, Any] | None = None, max_replicas_per_node: int | None = None,
-                 workdir: str | os.PathLike | None = None, start_timeout_s: float = 180.0):
+                 workdir: str | os.PathLike | None = None, start_timeout_s: float = 180.0, keep_alive_s: int = KEEP_ALIVE_S):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"no model file {self.model_path}")
         self.cluster = RayCluster(nodes, start_timeout_s=start_timeout_s)
         self.num_replicas, self.autoscaling, self.max_replicas_per_node = num_replicas, autoscaling, max_replicas_per_node
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="deploylab-ray-"))
-        self.start_timeout_s = start_timeout_s
+        self.start_timeout_s, self.keep_alive_s = start_timeout_s, keep_alive_s
         self.port: int | None = None
         self.ready_s: float | None = None
 
@@ -262,7 +264,7 @@ class RayServeServer:
         try:
             self.cluster.start()
             logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's INFO lines, in a notebook
-            serve.start(proxy_location="HeadOnly", http_options=http_options(self.port),
+            serve.start(proxy_location="HeadOnly", http_options=http_options(self.port, keep_alive_s=self.keep_alive_s),
                         logging_config=SERVE_LOGGING)
             self.deploy(num_replicas=self.num_replicas, autoscaling=self.autoscaling,
                         max_replicas_per_node=self.max_replicas_per_node)
