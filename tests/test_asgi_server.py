@@ -11,6 +11,7 @@ import stat
 import httpx
 import numpy as np
 import pytest
+import rawhttp
 
 from deploylab import data, export, onnxrt
 from deploylab.serving import asgi, corpus, load, protocol
@@ -262,38 +263,18 @@ def test_a_missing_worker_statistics_file_is_an_error_not_a_partial_count(onnx_p
         asgi.AsgiServer(onnx_path, processes=0)
 
 
-def _exchange(port: int, request: bytes, timeout_s: float = 10.0) -> bytes:
-    """Send raw bytes on a new connection; everything the server answers until it closes (or ``timeout_s``)."""
-    import socket
-    import time
-
-    answer = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
-        sock.sendall(request)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except (TimeoutError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            answer += chunk
-    return answer
+def _exchange(port: int, request: bytes) -> bytes:
+    return rawhttp.exchange(port, request)
 
 
 def _head(server, extra: str, target: str = "/ping", method: str = "GET") -> bytes:
-    return (f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.key()}\r\n{extra}\r\n").encode()
+    return rawhttp.head(server.key(), extra, target, method)
 
 
 def test_a_request_with_content_length_and_transfer_encoding_is_refused_and_the_connection_closed(server):
     """The request-smuggling shape: a body framed one way by the length, another by the chunks. The
     smuggled second request (a /ping inside the body) must never be answered."""
-    smuggled = _head(server, "")
-    body = b"0\r\n\r\n" + smuggled
-    request = _head(server, f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\nTransfer-Encoding: chunked\r\n",
-                    "/predictions/student", "POST") + body
-    answer = _exchange(server.port, request)
+    answer = _exchange(server.port, rawhttp.smuggling_shape(server.key()))
     assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
     assert b"Content-Length and Transfer-Encoding" in answer and answer.count(b"HTTP/1.1 ") == 1, answer[:600]
 

@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+import rawhttp
 
 from deploylab import config, data, export
 from deploylab.serving import corpus, litserve_app, load, loadgen, protocol, ray_serve, slow_clients
@@ -214,6 +215,11 @@ def test_litserve_serves_refuses_and_leaves_nothing(onnx_path):
         _check_server(server, onnx_path)
         assert httpx.get(f"{server.url}/health", trust_env=False).status_code == 401  # LitServe's own routes too
         assert httpx.get(f"{server.url}/docs", trust_env=False).status_code == 401
+        # the custom server's strict framing (header_timeout): the smuggling shape and oversized headers refused, then closed
+        smuggled = rawhttp.exchange(server.port, rawhttp.smuggling_shape(server.key()))
+        assert smuggled.startswith(b"HTTP/1.1 400") and smuggled.count(b"HTTP/1.1 ") == 1, smuggled[:300]
+        big = rawhttp.exchange(server.port, rawhttp.head(server.key(), f"X-Big: {'a' * 70_000}\r\n"))
+        assert big.startswith(b"HTTP/1.1 431"), big[:300]
         addresses = _listening(procs)
         assert addresses and all(ip == "127.0.0.1" for ip, _ in addresses), addresses
     finally:
