@@ -34,3 +34,22 @@ def smuggling_shape(key: str, path: str = "/predictions/student") -> bytes:
     body = b"0\r\n\r\n" + head(key)
     return head(key, f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\nTransfer-Encoding: chunked\r\n",
                 path, "POST") + body
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response from a kept-alive connection: its head, then as many body bytes as its
+    Content-Length says (a server may write the head and the body in separate segments). b"" if closed."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
