@@ -16,7 +16,7 @@ import pytest
 
 from deploylab import config
 
-NOTEBOOKS = sorted((config.ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted([*(config.ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"), *(config.ROOT / "notebooks").glob("[0-9][0-9][a-z]_*.ipynb")])
 PROFILES = ("smoke", "workshop", "full")
 
 
