@@ -9,8 +9,9 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TOOLS_VENV=${TOOLS_VENV:-.venv-tools}
 # the dataset; Java for TorchServe; the Docker engine and debootstrap for lesson 06 (a local base
-# image: no registry is reachable in the course's offline setting); Chromium for the JupyterLab UI test.
-DEBIAN_PACKAGES=(dataset-fashion-mnist openjdk-17-jre-headless docker.io docker-compose debootstrap chromium)
+# image: no registry is reachable in the course's offline setting); Chromium for the JupyterLab UI test;
+# Prometheus and promtool for lesson 09 (no service is started: the lesson starts its own on 127.0.0.1).
+DEBIAN_PACKAGES=(dataset-fashion-mnist openjdk-17-jre-headless docker.io docker-compose debootstrap chromium prometheus)
 
 say() { printf '[setup] %s\n' "$*"; }
 
