@@ -205,7 +205,7 @@ def test_a_ray_driver_stopped_with_sigterm_leaves_no_ray_process(ray_driver):
 
 
 def test_litserve_serves_refuses_and_leaves_nothing(onnx_path):
-    server = litserve_app.LitServeServer(onnx_path, max_batch=8)
+    server = litserve_app.LitServeServer(onnx_path, max_batch=8, keep_alive_s=3)  # the course's 75 s is too long to watch
     server.start()
     procs = server.processes()
     try:
@@ -222,6 +222,14 @@ def test_litserve_serves_refuses_and_leaves_nothing(onnx_path):
         assert big.startswith(b"HTTP/1.1 431"), big[:300]
         addresses = _listening(procs)
         assert addresses and all(ip == "127.0.0.1" for ip, _ in addresses), addresses
+        # an idle kept-alive connection lives --keep-alive-s, not uvicorn's 5 s default (httpx's keepalive_expiry: a race)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(rawhttp.head(server.key()))
+            assert rawhttp.read_response(sock).startswith(b"HTTP/1.1 200")
+            t0 = time.monotonic()
+            assert sock.recv(1) == b"", "the server answered nothing, yet sent bytes"
+            idle_s = time.monotonic() - t0
+        assert 2.5 < idle_s < 4.5, f"LitServe closed an idle connection after {idle_s:.1f} s, not its --keep-alive-s (3)"
     finally:
         server.stop()
     assert not [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "LitServe processes survived"

@@ -315,6 +315,8 @@ def server_arguments(description: str) -> argparse.ArgumentParser:
     p.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S, help="a request body must arrive within this (408)")
     p.add_argument("--header-timeout-s", type=float, default=HEADER_TIMEOUT_S,
                    help="a request's headers must arrive within this, else the connection is closed")
+    p.add_argument("--keep-alive-s", type=int, default=KEEP_ALIVE_S,
+                   help="an idle kept-alive connection is closed after this (longer than any client of the kit keeps one)")
     return p
 
 
@@ -359,12 +361,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if a.processes == 1:
             uvicorn.run(create_app(key=key, **settings), host=a.host, port=a.port, log_level="warning", access_log=False,
-                        workers=1, http=header_timeout_protocol(a.header_timeout_s), timeout_keep_alive=KEEP_ALIVE_S)
+                        workers=1, http=header_timeout_protocol(a.header_timeout_s), timeout_keep_alive=a.keep_alive_s)
         else:  # uvicorn's supervisor spawns the workers: they build the app from WORKER_ENV
             os.environ[WORKER_ENV] = json.dumps({**settings, "key_file": a.key_file, "header_timeout_s": a.header_timeout_s})
             uvicorn.run("deploylab.serving.asgi:app_from_environment", factory=True, host=a.host, port=a.port,
                         log_level="warning", access_log=False, workers=a.processes,
-                        http="deploylab.serving.asgi:WorkerProtocol", timeout_keep_alive=KEEP_ALIVE_S)
+                        http="deploylab.serving.asgi:WorkerProtocol", timeout_keep_alive=a.keep_alive_s)
     finally:
         Path(a.key_file).unlink(missing_ok=True)  # the key dies with the server
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import protocol
 from .asgi import LOOPBACK, MAX_QUEUE, RETRY_AFTER_S, AsgiServer, server_arguments, write_key_file
-from .header_timeout import header_timeout_protocol
+from .header_timeout import KEEP_ALIVE_S, header_timeout_protocol
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_body, expected_header, read_chunks
 from .processes import forget_at_exit, port_in_use, stop_at_exit
 
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
                               workers_per_device=a.workers, disable_openapi_url=True, fast_queue=a.fast_queue,
                               middlewares=[(HttpDoor, {"key": key, "body_timeout_s": a.body_timeout_s})])
         server.run(host=a.host, port=a.port, num_api_servers=1, generate_client_file=False, log_level="warning",
-                   access_log=False, http=header_timeout_protocol(a.header_timeout_s))
+                   access_log=False, http=header_timeout_protocol(a.header_timeout_s),
+                   timeout_keep_alive=a.keep_alive_s)  # uvicorn's default 5 s equals httpx's keepalive_expiry: a race
     finally:
         Path(a.key_file).unlink(missing_ok=True)  # the key dies with the server
 
@@ -191,17 +192,18 @@ class LitServeServer(AsgiServer):
     """
 
     def __init__(self, model_path: str | os.PathLike, *, max_batch: int = 16, max_wait_ms: float = 5.0, workers: int = 1,
-                 workdir: str | os.PathLike | None = None, start_timeout_s: float = 90.0):
+                 workdir: str | os.PathLike | None = None, start_timeout_s: float = 90.0, keep_alive_s: int = KEEP_ALIVE_S):
         super().__init__(model_path, max_batch=max_batch, max_wait_ms=max_wait_ms, workdir=workdir,
                          start_timeout_s=start_timeout_s)
-        self.workers = workers
+        self.workers, self.keep_alive_s = workers, keep_alive_s
         self.process.name = "the LitServe server"
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "deploylab.serving.litserve_app", "--model", str(self.model_path), "--port", str(self.port),
                 "--key-file", str(self.key_file), "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms),
                 "--workers", str(self.workers), "--body-timeout-s", str(self.body_timeout_s),
-                "--header-timeout-s", str(self.header_timeout_s), "--tmp-dir", str(self.tmp_dir)]
+                "--header-timeout-s", str(self.header_timeout_s), "--keep-alive-s", str(self.keep_alive_s),
+                "--tmp-dir", str(self.tmp_dir)]
 
     @property
     def tmp_dir(self) -> Path:
