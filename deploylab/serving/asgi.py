@@ -54,7 +54,7 @@ from starlette.routing import Route
 
 from .. import config, export
 from ..files import atomic_write_json
-from . import protocol, serverless
+from . import metrics, protocol, serverless
 from .api import Client
 from .header_timeout import HEADER_TIMEOUT_S, KEEP_ALIVE_S, header_timeout_protocol
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
@@ -197,18 +197,19 @@ class MicroBatcher:
 def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", model_name: str = "student",
                max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, top_k: int = 3,
                max_request_bytes: int = MAX_REQUEST_BYTES, body_timeout_s: float = BODY_TIMEOUT_S,
-               stats_dir: str | os.PathLike | None = None) -> Starlette:
+               stats_dir: str | os.PathLike | None = None, prometheus: bool = False) -> Callable:
     """The Starlette app (see the module docstring). ``key`` is the bearer token every request must carry.
 
     With ``stats_dir``, the process writes its statistics (:func:`worker_stats`) to
     ``stats_dir/worker-<pid>.json`` when it shuts down (and ``ready-<pid>`` once its model is loaded):
     with several worker processes, ``/stats`` answers for whichever worker took the connection, the
-    files for all of them.
+    files for all of them. With ``prometheus``, ``GET /metrics`` answers Prometheus (:mod:`.metrics`, lesson 09).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     expected = expected_header(key)
     state: dict[str, Any] = {}
+    monitor = metrics.ServerMetrics() if prometheus else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -216,6 +217,8 @@ def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", 
             sess, card = export.load_exported(model_path, threads=threads)  # sha256 checked against the card
             name = sess.get_inputs()[0].name
             state["batcher"] = MicroBatcher(lambda x: sess.run(None, {name: x})[0], max_batch=max_batch, max_wait_ms=max_wait_ms)
+            if monitor:
+                monitor.watch(state["batcher"])
             state["batcher"].start()
         else:
             serverless.configure(model_path, threads=threads)
@@ -277,7 +280,8 @@ def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", 
 
     routes = [Route("/ping", ping, methods=["GET"]), Route("/stats", stats, methods=["GET"]),
               Route("/predictions/{model}", predict, methods=["POST"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    return monitor.instrument(app, expected) if monitor else app
 
 
 def write_key_file(path: str | os.PathLike) -> str:
@@ -349,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (per process)")
     p.add_argument("--processes", type=int, default=1, help="worker processes on the one socket (one per core)")
     p.add_argument("--stats-dir", help="each process writes its statistics here when it stops")
+    p.add_argument("--metrics", action="store_true", help="GET /metrics for Prometheus (several processes: multiprocess mode)")
     a = p.parse_args(argv)
     if a.host not in LOOPBACK:
         raise SystemExit(f"refusing to bind {a.host}: this server binds loopback only ({', '.join(LOOPBACK)})")
@@ -357,12 +362,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # data.preprocess of one image: no thread pool fighting ONNX Runtime for the cores
     key = write_key_file(a.key_file)
     settings = dict(model_path=a.model, mode=a.mode, model_name=a.model_name, max_batch=a.max_batch,
-                    max_wait_ms=a.max_wait_ms, threads=a.threads, body_timeout_s=a.body_timeout_s, stats_dir=a.stats_dir)
+                    max_wait_ms=a.max_wait_ms, threads=a.threads, body_timeout_s=a.body_timeout_s, stats_dir=a.stats_dir,
+                    prometheus=a.metrics)
     try:
         if a.processes == 1:
             uvicorn.run(create_app(key=key, **settings), host=a.host, port=a.port, log_level="warning", access_log=False,
                         workers=1, http=header_timeout_protocol(a.header_timeout_s), timeout_keep_alive=a.keep_alive_s)
         else:  # uvicorn's supervisor spawns the workers: they build the app from WORKER_ENV
+            if a.metrics:  # before the workers import prometheus_client: they share one folder of values
+                os.environ.update(metrics.multiprocess_environment(Path(a.stats_dir or tempfile.mkdtemp()) / "prometheus"))
             os.environ[WORKER_ENV] = json.dumps({**settings, "key_file": a.key_file, "header_timeout_s": a.header_timeout_s})
             uvicorn.run("deploylab.serving.asgi:app_from_environment", factory=True, host=a.host, port=a.port,
                         log_level="warning", access_log=False, workers=a.processes,
@@ -382,7 +390,7 @@ class AsgiServer:
     def __init__(self, model_path: str | os.PathLike, *, mode: str = "batch", model_name: str = "student",
                  max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, processes: int = 1,
                  workdir: str | os.PathLike | None = None, start_timeout_s: float = 60.0,
-                 body_timeout_s: float = BODY_TIMEOUT_S, header_timeout_s: float = HEADER_TIMEOUT_S):
+                 body_timeout_s: float = BODY_TIMEOUT_S, header_timeout_s: float = HEADER_TIMEOUT_S, metrics: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if processes < 1:
@@ -393,7 +401,7 @@ class AsgiServer:
             raise FileNotFoundError(f"no model file {self.model_path}")
         self.mode, self.model_name = mode, model_name
         self.max_batch, self.max_wait_ms, self.threads = max_batch, max_wait_ms, threads
-        self.body_timeout_s, self.header_timeout_s = body_timeout_s, header_timeout_s
+        self.body_timeout_s, self.header_timeout_s, self.metrics = body_timeout_s, header_timeout_s, metrics
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"deploylab-asgi-{mode}-"))
         self.start_timeout_s = start_timeout_s
         self.port: int | None = None
@@ -427,7 +435,7 @@ class AsgiServer:
                 "--key-file", str(self.key_file), "--mode", self.mode, "--model-name", self.model_name,
                 "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms), "--threads", str(self.threads),
                 "--body-timeout-s", str(self.body_timeout_s), "--header-timeout-s", str(self.header_timeout_s),
-                "--processes", str(self.processes_count), "--stats-dir", str(self.stats_dir)]
+                "--processes", str(self.processes_count), "--stats-dir", str(self.stats_dir)] + ["--metrics"] * self.metrics
 
     def start(self) -> "AsgiServer":
         """Launch the server, wait until /ping answers with the generated key; stop it again on any failure."""
