@@ -89,3 +89,21 @@ def test_mlperf_scenarios_on_the_custom_server(server, requests):
     assert search.best is not None and 0 < search.capacity < off.achieved_rate * 2, rows
     assert search.best.percentiles_ms()["p99"] <= slo_ms
     assert any(r["SLO"] == "missed" and r["offered/s"] > search.capacity for r in rows), rows  # the knee was crossed
+
+
+def test_a_recorded_closed_loop_keeps_each_request_refusals_and_answers_and_stops_when_told(server, requests):
+    """The drill mode behind ``load.load_run``: every request on the timeline, the first refusal of each
+    status with its message, each 200's body with its request index, and ``during`` stopping the sends."""
+    import json
+
+    wrong_key = loadgen.build_requests("127.0.0.1", server.port, "/predictions/student", [b"x"], token="not-the-key")
+    mixed = [requests[0], wrong_key[0]]
+    r = loadgen.closed_loop("127.0.0.1", server.port, mixed, connections=1, count=20, record=True, progress=False)
+    assert r.statuses == {200: 10, 401: 10} and len(r.timeline) == 20
+    assert [s for _, s in sorted(r.timeline)] == [200, 401] * 10
+    assert set(r.refusals) == {401} and r.refusals[401].startswith(b"HTTP/1.1 401")
+    assert [i % 2 for i, _ in r.answers] == [0] * 10 and all(json.loads(b)["predictions"] for _, b in r.answers)
+    calls = []
+    stopped = loadgen.closed_loop("127.0.0.1", server.port, requests, connections=4, seconds=30, record=True, progress=False,
+                                  during=lambda elapsed: calls.append(elapsed) or elapsed > 0.3)
+    assert stopped.seconds < 2 and len(calls) >= 5 and stopped.ok == stopped.sent > 0, stopped.summary()

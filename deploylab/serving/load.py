@@ -1,7 +1,7 @@
-"""Load and faults, the same for every server: a bounded load run, a worker killed under load, parity.
+"""Load and faults, the same for every server: a recorded load run, a worker killed under load, parity.
 
-- :func:`load_run` -- a bounded load generator (threads, one request per image, loopback only, a
-  progress bar): per-request latency and status, throughput;
+- :func:`load_run` -- the closed loop of :mod:`~deploylab.serving.loadgen` for drills, every request
+  recorded (send time, status, the first refusal of each status, the 200 answers);
 - :func:`fault_run` -- one worker of a server killed (SIGKILL, as the kernel's OOM killer would)
   during a load run, and the time until the server has replaced it;
 - :func:`served_parity` -- every image sent once, the served top-1 compared with a reference;
@@ -11,17 +11,15 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
+import json
 import os
-import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 import psutil
 from tqdm.auto import tqdm
@@ -29,7 +27,7 @@ from tqdm.auto import tqdm
 from .. import bench, config, data, onnxrt
 from ..config import Profile
 from .api import Client
-from .loadgen import LoadgenResult
+from .loadgen import LoadgenResult, build_requests, closed_loop
 from .processes import ServeError
 from .protocol import png_bytes
 
@@ -53,6 +51,7 @@ class LoadResult:
     timeline: list[tuple[float, int]] = field(repr=False)  # (start time in s from the run's start, status)
     # the first answer of each status other than 200: what a client was told ("message") and when to retry
     refusals: dict[int, dict[str, str | None]] = field(default_factory=dict, repr=False)
+    answers: list[tuple[int, bytes]] = field(default_factory=list, repr=False)  # (request index, body) of each 200
 
     @property
     def ok(self) -> int:
@@ -79,75 +78,46 @@ def from_loadgen(result: LoadgenResult, model: str) -> LoadResult:
     statuses = dict(result.statuses)
     if result.transport_errors:
         statuses[0] = statuses.get(0, 0) + sum(result.transport_errors.values())
+    refusals = {status: _refusal(raw) for status, raw in result.refusals.items()}
+    if result.transport_errors:
+        refusals[0] = {"message": ", ".join(f"{k}: {v}" for k, v in result.transport_errors.items()), "retry_after": None}
     return LoadResult(model, result.connections, result.sent, result.seconds, dict(sorted(statuses.items())),
-                      list(result.latencies_s * 1e3), [],
-                      {0: {"message": str(result.transport_errors), "retry_after": None}} if result.transport_errors else {})
+                      list(result.latencies_s * 1e3), sorted(result.timeline), dict(sorted(refusals.items())),
+                      result.answers)
 
 
 def load_run(client: Client, model: str, bodies: Sequence[bytes], *, concurrency: int, requests: int | None,
              max_seconds: float, content_type: str = "image/png", progress: bool = True, desc: str | None = None,
              during: Callable[[float], bool | None] | None = None) -> LoadResult:
-    """Send ``requests`` requests (cycling through ``bodies``) from ``concurrency`` threads.
+    """The closed loop of :mod:`~deploylab.serving.loadgen` for drills: ``concurrency`` connections send
+    ``requests`` requests (cycling through ``bodies``) to ``client``'s server, recording each one.
 
-    Bounded twice: by count (``None``: no count limit) and by ``max_seconds``. A connection error or timeout counts as status
-    0 (a failure). ``during(elapsed_s)`` is called from the main thread about every 50 ms (the fault
-    drill kills a worker from there); when it returns True the run stops early.
+    Bounded twice: by count (``None``: no count limit) and by ``max_seconds``. A transport error (a
+    refused or reset connection, no answer in 10 s) counts as status 0 (a failure). ``during(elapsed_s)``
+    is called about every 50 ms (the fault drill kills a worker from there); when it returns True the
+    run stops sending. Measured figures come from :mod:`~deploylab.serving.scenarios`, not from here.
     """
     if concurrency < 1 or (requests is not None and requests < 1) or not bodies or max_seconds <= 0:
         raise ValueError("need concurrency >= 1, requests >= 1 (or None), max_seconds > 0 and at least one body")
-    lock = threading.Lock()
-    counter = iter(range(requests)) if requests is not None else itertools.count()
-    latencies: list[float] = []
-    timeline: list[tuple[float, int]] = []
-    refusals: dict[int, dict[str, str | None]] = {}
-    start = time.perf_counter()
-    deadline = start + max_seconds
-    stop = threading.Event()
-    bar = tqdm(total=requests, desc=desc or f"{model} x{concurrency}", unit="req", disable=not progress, leave=False)
-
-    def worker() -> None:
-        while time.perf_counter() < deadline and not stop.is_set():
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            t0 = time.perf_counter()
-            try:
-                r = client.predict(model, bodies[i % len(bodies)], content_type)
-                status, refusal = r.status_code, r
-            except httpx.HTTPError as e:
-                status, refusal = 0, f"{type(e).__name__}: {e}"[:200]
-            t1 = time.perf_counter()
-            with lock:
-                if status != 200 and status not in refusals:
-                    refusals[status] = ({"message": refusal, "retry_after": None} if isinstance(refusal, str) else
-                                        {"message": _message(refusal), "retry_after": refusal.headers.get("retry-after")})
-                latencies.append((t1 - t0) * 1000.0)
-                timeline.append((t0 - start, status))
-                bar.update(1)
-
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        futures = [pool.submit(worker) for _ in range(concurrency)]
-        while not all(f.done() for f in futures):
-            if during is not None and during(time.perf_counter() - start):
-                stop.set()
-            time.sleep(0.05)
-        for f in futures:
-            f.result()
-    seconds = time.perf_counter() - start
-    bar.close()
-    statuses = Counter(s for _, s in timeline)
-    return LoadResult(model, concurrency, len(timeline), seconds, dict(sorted(statuses.items())), latencies, timeline,
-                      dict(sorted(refusals.items())))
+    url = urlsplit(client.inference_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    reqs = build_requests(host, port, f"/predictions/{model}", bodies, token=client.token(), content_type=content_type)
+    run = closed_loop(host, port, reqs, connections=concurrency, count=requests, seconds=max_seconds, progress=progress,
+                      record=True, during=during, desc=desc or f"{model} x{concurrency}")
+    return from_loadgen(run, model)
 
 
-def _message(response: httpx.Response) -> str:
-    """The ``message`` of a JSON error answer, else the start of its text."""
+def _refusal(raw: bytes) -> dict[str, str | None]:
+    """What a refusal told the client: the ``message`` of a JSON body (else its text) and its Retry-After."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    retry = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")[1:]
+                  if line.lower().startswith(b"retry-after:")), None)
     try:
-        body = response.json()
-        return str(body.get("message", body) if isinstance(body, dict) else body)[:200]
+        parsed = json.loads(body)
+        message = str(parsed.get("message", parsed) if isinstance(parsed, dict) else parsed)
     except ValueError:
-        return response.text[:200]
+        message = body.decode(errors="replace")
+    return {"message": message[:200], "retry_after": retry}
 
 
 @dataclass

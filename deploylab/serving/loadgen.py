@@ -19,6 +19,11 @@ slowed down with the server, so the queueing never showed in its latencies. This
 
 Transport errors (a refused or reset connection, no answer before ``timeout_s``) are counted apart
 from HTTP statuses: a 503 is the server's answer, a reset is not.
+
+For drills rather than measurements (a worker killed under load, overload, autoscaling), a run can
+also ``record`` each request's send time and status, the first answer of each status other than
+200, and the 200 answers' bodies, and call ``during(elapsed_s)`` about every 50 ms (a closed loop
+stops sending when it returns True): :func:`deploylab.serving.load.load_run` is this closed loop.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import selectors
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,6 +69,11 @@ class LoadgenResult:
     transport_errors: dict[str, int] = field(default_factory=dict)
     generator_cpu_s: float = 0.0
     cpus: tuple[int, ...] = ()
+    # recorded only when asked (``record=True``): (intended send time in s from the start, status; 0 for a
+    # transport error), the first whole answer of each status other than 200, and (request index, body) of each 200
+    timeline: list[tuple[float, int]] = field(default_factory=list, repr=False)
+    refusals: dict[int, bytes] = field(default_factory=dict, repr=False)
+    answers: list[tuple[int, bytes]] = field(default_factory=list, repr=False)
 
     @property
     def sent(self) -> int:
@@ -155,7 +165,7 @@ class _Run:
     """The event loop both modes share: connections, sends, reads, the tally."""
 
     def __init__(self, host: str, port: int, requests: Sequence[bytes], connections: int, timeout_s: float, total: int,
-                 progress: bool):
+                 progress: bool, record: bool = False, desc: str | None = None):
         self.addr, self.requests, self.max_connections, self.timeout_s = (host, port), requests, connections, timeout_s
         self.sel = selectors.DefaultSelector()
         self.idle: list[_Connection] = []
@@ -164,7 +174,11 @@ class _Run:
         self.statuses: Counter[int] = Counter()
         self.errors: Counter[str] = Counter()
         self.last_expiry = 0.0
-        self.bar = tqdm(total=total or None, unit="req", disable=not progress, mininterval=0.5, leave=False)
+        self.record, self.started = record, time.perf_counter()
+        self.timeline: list[tuple[float, int]] = []
+        self.refusals: dict[int, bytes] = {}
+        self.answers: list[tuple[int, bytes]] = []
+        self.bar = tqdm(total=total or None, desc=desc, unit="req", disable=not progress, mininterval=0.5, leave=False)
 
     def connection(self) -> _Connection | None:
         """An idle connection, a new one if fewer than the maximum are open, else None (raises OSError
@@ -205,6 +219,8 @@ class _Run:
 
     def fail(self, conn: _Connection, why: str) -> None:
         self.errors[why] += 1
+        if self.record and conn.index >= 0:
+            self.timeline.append((conn.intended - self.started, 0))
         self.bar.update(1)
         self.close(conn)
 
@@ -231,9 +247,11 @@ class _Run:
             parsed = _response_length(conn.buffer)
             if parsed is None:
                 continue
-            status, _, closes = parsed
+            status, total, closes = parsed
             self.latencies.append(time.perf_counter() - conn.intended)
             self.statuses[status] += 1
+            if self.record:
+                self.keep(conn, status, total)
             self.bar.update(1)
             conn.index = -1
             if closes:
@@ -241,6 +259,14 @@ class _Run:
             else:
                 done.append(conn)
         return done
+
+    def keep(self, conn: _Connection, status: int, total: int) -> None:
+        """Record one answer: its send time and status, its bytes if it is the first of a refusal, its body if 200."""
+        self.timeline.append((conn.intended - self.started, status))
+        if status == 200:
+            self.answers.append((conn.index, conn.buffer[conn.buffer.find(b"\r\n\r\n") + 4:total]))
+        elif status not in self.refusals:
+            self.refusals[status] = conn.buffer[:total]
 
     def expire(self, now: float) -> None:
         """Requests without an answer after ``timeout_s``: a transport error each, their connection closed
@@ -259,7 +285,7 @@ class _Run:
             self.close(key.data)
         self.bar.close()
         return LoadgenResult(mode, rate, self.max_connections, time.perf_counter() - started, np.asarray(self.latencies),
-                             dict(self.statuses), dict(self.errors), cpu, cpus)
+                             dict(self.statuses), dict(self.errors), cpu, cpus, self.timeline, self.refusals, self.answers)
 
 
 def open_loop(host: str, port: int, requests: Sequence[bytes], *, rate: float, count: int | None = None,
@@ -277,6 +303,7 @@ def open_loop(host: str, port: int, requests: Sequence[bytes], *, rate: float, c
         due: deque[int] = deque()
         nxt = 0
         cpu0, started = _thread_cpu(), time.perf_counter()
+        run.started = started
         schedule = schedule + started
         while nxt < count or due or run.open - len(run.idle) > 0:
             now = time.perf_counter()
@@ -306,20 +333,31 @@ def open_loop(host: str, port: int, requests: Sequence[bytes], *, rate: float, c
 
 def closed_loop(host: str, port: int, requests: Sequence[bytes], *, connections: int, count: int | None = None,
                 seconds: float | None = None, timeout_s: float = 10.0, cpus: Sequence[int] | None = None,
-                progress: bool = True) -> LoadgenResult:
+                progress: bool = True, record: bool = False, during: Callable[[float], bool | None] | None = None,
+                desc: str | None = None) -> LoadgenResult:
     """``connections`` connections, each sending its next request when the last is answered; for
-    ``count`` requests or ``seconds``, whichever comes first. Latency runs from each send."""
+    ``count`` requests or ``seconds``, whichever comes first. Latency runs from each send.
+
+    ``record`` keeps the timeline, refusals and answers (see :class:`LoadgenResult`); ``during(elapsed_s)``
+    is called about every 50 ms, and the run stops sending when it returns True.
+    """
     if not (count or seconds):
         raise ValueError("bound the run: give count or seconds")
     limit = count or 1 << 62
     with _pinned(cpus) as used:
-        run = _Run(host, port, requests, connections, timeout_s, count or 0, progress)
+        run = _Run(host, port, requests, connections, timeout_s, count or 0, progress, record, desc)
         sent = 0
         cpu0, started = _thread_cpu(), time.perf_counter()
+        run.started = started
         end = started + (seconds or float("inf"))
+        next_call = started
         ready = run.connect(connections)
         while True:
             now = time.perf_counter()
+            if during is not None and now >= next_call:
+                next_call = now + 0.05
+                if during(now - started):
+                    end = now
             for conn in ready:
                 if sent < limit and now < end:
                     sent += run.send(conn, sent, now)
