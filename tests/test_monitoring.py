@@ -78,39 +78,47 @@ def _load(server: asgi.AsgiServer, bodies: list[bytes], n: int) -> loadgen.Loadg
     return loadgen.closed_loop("127.0.0.1", server.port, reqs, connections=8, count=n, progress=False)
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_metrics_follow_prometheus_conventions_and_count_every_request(onnx_path, processes):
+def _check_counts(m: dict, ok: int, bad: int) -> None:
+    """Prometheus' conventions, and every request counted once: by status, in the histogram, in a batch."""
+    assert m[("deploylab_requests_total", (("code", "200"),))] == ok
+    assert m[("deploylab_requests_total", (("code", "415"),))] == bad  # "not an image" sent as image/png
+    assert m[("deploylab_request_duration_seconds_count", ())] == ok + bad
+    assert m[("deploylab_request_duration_seconds_bucket", (("le", "+Inf"),))] == ok + bad
+    assert m[("deploylab_request_duration_seconds_bucket", (("le", "0.05"),))] <= ok + bad
+    assert m[("deploylab_batch_size_sum", ())] == ok  # every valid input went through one batch, none twice
+    assert m[("deploylab_requests_in_flight", ())] == 0
+
+
+def test_two_processes_share_their_metrics(onnx_path):
+    """--processes 2: whichever worker answers the scrape, it answers for both (multiprocess mode)."""
     images, _ = data.raw_split("test", 16)
     bodies = [protocol.png_bytes(im) for im in images] + [b"not an image"]
-    with asgi.AsgiServer(onnx_path, max_batch=8, processes=processes, metrics=True) as server:
+    with asgi.AsgiServer(onnx_path, max_batch=8, processes=2, metrics=True) as server:
         assert httpx.get(f"{server.url}/metrics", trust_env=False).status_code == 401  # the token guards it too
         run = _load(server, bodies, 170)
-        m = _scrape(server)
-    assert run.statuses == {200: 160, 400: 10}
-    assert m[("deploylab_requests_total", (("code", "200"),))] == 160
-    assert m[("deploylab_requests_total", (("code", "400"),))] == 10
-    assert m[("deploylab_request_duration_seconds_count", ())] == 170
-    assert m[("deploylab_request_duration_seconds_bucket", (("le", "+Inf"),))] == 170
-    assert m[("deploylab_request_duration_seconds_bucket", (("le", "0.05"),))] <= 170
-    assert m[("deploylab_batch_size_sum", ())] == 160  # every valid input went through a batch, none twice
-    assert m[("deploylab_requests_in_flight", ())] == 0
-    assert ("process_cpu_seconds_total", ()) in m or processes > 1  # one process: its own CPU; several: summed values only
+        scrapes = [_scrape(server) for _ in range(4)]  # new connections: both workers get to answer
+        pids = {p.pid for p in server.processes()}
+    assert run.statuses == {200: 160, 415: 10} and len(pids) >= 3  # the supervisor and two workers
+    for m in scrapes:
+        _check_counts(m, 160, 10)
 
 
 @needs_prometheus
 def test_prometheus_scrapes_the_server_and_answers_promql(onnx_path, tmp_path):
     images, _ = data.raw_split("test", 8)
-    bodies = [protocol.png_bytes(im) for im in images]
+    bodies = [protocol.png_bytes(im) for im in images] + [b"not an image"]
     with asgi.AsgiServer(onnx_path, max_batch=8, metrics=True) as server:
+        assert httpx.get(f"{server.url}/metrics", trust_env=False).status_code == 401
         token = prometheus.write_token_file(tmp_path / "token", server.key())
         cfg = prometheus.scrape_config([prometheus.Target("custom-server", (f"127.0.0.1:{server.port}",), token_file=str(token))],
                                        scrape_interval="1s", evaluation_interval="1s")
         rules = prometheus.scaled_rules(yaml.safe_load(prometheus.RULES.read_text()), {"1h": "10s", "5m": "3s", "2m": "1s", "10m": "1s"})
         with prometheus.Prometheus(cfg, rules={"rules.yml": rules}, workdir=tmp_path / "prom") as prom:
             assert [t["health"] for t in prom.wait_for_targets()] == ["up"]
-            _load(server, bodies, 80)
+            run = _load(server, bodies, 90)
+            m = _scrape(server)
             total = None
-            for _ in range(40):  # the next scrape (1 s) carries the 80 requests
+            for _ in range(40):  # the next scrape (1 s) carries the 80 answers
                 total = prom.value('sum(deploylab_requests_total{code="200"})')
                 if total == 80:
                     break
@@ -124,6 +132,9 @@ def test_prometheus_scrapes_the_server_and_answers_promql(onnx_path, tmp_path):
             procs = prom.processes()
         assert not [p for p in procs if p.is_running() and p.status() != "zombie"]
         assert not prom.storage.exists()
+    assert run.statuses == {200: 80, 415: 10}
+    _check_counts(m, 80, 10)
+    assert m[("process_cpu_seconds_total", ())] > 0  # one process: its own CPU time too
 
 
 # --------------------------------------------------------------------------------------------

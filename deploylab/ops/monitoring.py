@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from .. import config
@@ -95,17 +95,24 @@ def load_until(label: str, port: int, requests: Sequence[bytes], rate: float, do
 # --------------------------------------------------------------------------------------------
 
 
+def _unix(rfc3339: str) -> float:
+    """Prometheus' RFC 3339 time (nanoseconds, 'Z') as Unix seconds."""
+    head, _, frac = rfc3339.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head).replace(tzinfo=timezone.utc).timestamp() + (float(f"0.{frac}") if frac else 0.0)
+
+
 @dataclass
 class AlertWatcher:
-    """Polls ``prom.alerts()`` every ``poll_s`` in a thread; :meth:`times` says when ``alertname`` went
-    pending (Prometheus' own ``activeAt``), fired (first poll seen firing) and resolved (first poll,
-    after firing, where it is gone)."""
+    """Polls ``prom.alerts()`` every ``poll_s`` in a thread and keeps each alert's state at each poll.
+
+    :meth:`times` says when an alert went pending (Prometheus' own ``activeAt``), fired (the first poll
+    that saw it firing) and resolved (the first poll, after it fired, that found it gone).
+    """
 
     prom: Prometheus
-    alertname: str
     poll_s: float = 0.25
-    polls: list[tuple[float, str]] = field(default_factory=list)  # (Unix time, "inactive" | "pending" | "firing")
-    active_at: list[str] = field(default_factory=list)
+    polls: list[tuple[float, dict[str, str]]] = field(default_factory=list)  # (Unix time, {alertname: state})
+    active_at: dict[str, list[float]] = field(default_factory=dict)  # alertname -> each activeAt seen
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -123,37 +130,52 @@ class AlertWatcher:
         while not self._stop.is_set():
             now = time.time()
             try:
-                mine = [a for a in self.prom.alerts() if a["labels"].get("alertname") == self.alertname]
-            except Exception:  # noqa: BLE001 -- a failed poll is a gap in the record, not the end of the watch
-                mine = None
-            if mine is not None:
-                self.polls.append((now, mine[0]["state"] if mine else "inactive"))
-                if mine and mine[0]["activeAt"] not in self.active_at:
-                    self.active_at.append(mine[0]["activeAt"])
+                alerts = self.prom.alerts()
+            except Exception:  # a failed poll is a gap in the record, not the end of the watch
+                alerts = None
+            if alerts is not None:
+                self.polls.append((now, {a["labels"]["alertname"]: a["state"] for a in alerts}))
+                for a in alerts:
+                    seen = self.active_at.setdefault(a["labels"]["alertname"], [])
+                    if _unix(a["activeAt"]) not in seen:
+                        seen.append(_unix(a["activeAt"]))
             self._stop.wait(self.poll_s)
 
-    def state(self) -> str:
-        """The last state polled."""
-        return self.polls[-1][1] if self.polls else "inactive"
+    def state(self, alertname: str) -> str:
+        """``alertname``'s state at the last poll: inactive, pending or firing."""
+        return self.polls[-1][1].get(alertname, "inactive") if self.polls else "inactive"
 
-    def fired(self) -> bool:
-        return any(s == "firing" for _, s in self.polls)
+    def fired(self, alertname: str) -> bool:
+        return any(states.get(alertname) == "firing" for _, states in self.polls)
 
-    def resolved(self) -> bool:
+    def resolved(self, alertname: str) -> bool:
         """It fired, and a later poll found it gone."""
-        return self.times()["resolved"] is not None
+        return self.times(alertname)["resolved"] is not None
 
-    def times(self) -> dict[str, float | None]:
-        """Unix times: ``pending`` (first poll seen pending), ``firing``, ``resolved`` (None: not seen)."""
-        pending = next((t for t, s in self.polls if s == "pending"), None)
-        firing = next((t for t, s in self.polls if s == "firing"), None)
-        resolved = None if firing is None else next((t for t, s in self.polls if t > firing and s == "inactive"), None)
+    def times(self, alertname: str, since: float = 0.0) -> dict[str, float | None]:
+        """Unix times after ``since``: ``pending`` (activeAt), ``firing`` (first poll seen firing),
+        ``resolved`` (first poll after that without it); None where not seen."""
+        firing = next((t for t, s in self.polls if t >= since and s.get(alertname) == "firing"), None)
+        starts = [t for t in self.active_at.get(alertname, []) if t >= since - 60 and (firing is None or t <= firing)]
+        pending = max(starts) if starts else next((t for t, s in self.polls if t >= since and s.get(alertname) == "pending"), None)
+        resolved = None if firing is None else next((t for t, s in self.polls if t > firing and alertname not in s), None)
         return {"pending": pending, "firing": firing, "resolved": resolved}
 
 
 # --------------------------------------------------------------------------------------------
 # What the metrics cost
 # --------------------------------------------------------------------------------------------
+
+
+def _drive(coroutine: Any) -> None:
+    """Run a coroutine that never waits (its awaits all return at once) to the end, without an event loop
+    (a notebook's kernel already runs one in this thread)."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    coroutine.close()
+    raise RuntimeError("the coroutine waited for something: drive it with an event loop instead")
 
 
 def metrics_overhead(instrument: Callable[[Callable], Callable], requests: int, rounds: int = 5) -> dict[str, float]:
@@ -173,19 +195,15 @@ def metrics_overhead(instrument: Callable[[Callable], Callable], requests: int, 
     async def send(message: dict) -> None:
         return None
 
-    async def calls(app: Callable) -> float:
+    def calls(app: Callable) -> float:
         t0 = time.process_time()
         for _ in range(requests):
-            await app(scope, receive, send)
+            _drive(app(scope, receive, send))
         return (time.process_time() - t0) / requests * 1e6
 
     per: dict[str, list[float]] = {"plain": [], "instrumented": []}
-    loop = asyncio.new_event_loop()
-    try:
-        for _ in range(rounds):
-            per["plain"].append(loop.run_until_complete(calls(plain)))
-            per["instrumented"].append(loop.run_until_complete(calls(wrapped)))
-    finally:
-        loop.close()
+    for _ in range(rounds):
+        per["plain"].append(calls(plain))
+        per["instrumented"].append(calls(wrapped))
     plain_us, inst_us = sorted(per["plain"])[rounds // 2], sorted(per["instrumented"])[rounds // 2]
     return {"plain_us": plain_us, "instrumented_us": inst_us, "overhead_us": inst_us - plain_us}

@@ -147,8 +147,8 @@ class PrometheusError(RuntimeError):
 class Prometheus:
     """Debian's ``prometheus`` on 127.0.0.1 at a free port, storing into a temporary folder (a context manager).
 
-    ``config`` is a dict from :func:`scrape_config`; ``rules`` (parsed rule files) are written beside it
-    and named in its ``rule_files``. The storage folder is deleted by :meth:`stop`.
+    ``config`` is a dict from :func:`scrape_config`; ``rules`` (file name -> parsed rule file) are written
+    beside it and named in its ``rule_files`` if they are not already. The storage folder is deleted by :meth:`stop`.
     """
 
     def __init__(self, config: dict[str, Any], *, rules: dict[str, dict[str, Any]] | None = None,
@@ -189,10 +189,12 @@ class Prometheus:
         if self.process.proc is not None:
             raise ServeError("this Prometheus is already started")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        names = []
-        for name, content in self.rules.items():
-            names.append(str(write_yaml(self.workdir / name, content)))
-        write_yaml(self.config_file, {**self.config, "rule_files": [*self.config.get("rule_files", []), *names]})
+        listed = list(self.config.get("rule_files", []))
+        for name, content in self.rules.items():  # beside the configuration: Prometheus reads relative names from there
+            write_yaml(self.workdir / name, content)
+            if name not in listed:
+                listed.append(name)
+        write_yaml(self.config_file, {**self.config, "rule_files": listed})
         checked = promtool("check", "config", self.config_file)
         if checked.returncode != 0:
             raise ServeError(f"promtool check config failed:\n{checked.stdout}{checked.stderr}")
