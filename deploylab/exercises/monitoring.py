@@ -56,10 +56,12 @@ def wrong_answers(answers: dict[str, Any], **inputs: Any) -> list[dict[str, Any]
     b, h = answers["burn_rate"], answers["hours_to_exhaust"]
     good = inputs["fast"] / inputs["requests"] / (1 - inputs["target"])
     slow = 1 - inputs["fast"] / inputs["requests"]
-    return [{"burn_rate": good, "hours_to_exhaust": h}, {"burn_rate": slow, "hours_to_exhaust": h},
+    candidates = [{"burn_rate": good, "hours_to_exhaust": h}, {"burn_rate": slow, "hours_to_exhaust": h},
             {"burn_rate": b, "hours_to_exhaust": h / 24}, {"burn_rate": b, "hours_to_exhaust": BUDGET_DAYS / b},
             {"burn_rate": b * 1.05, "hours_to_exhaust": h}, {"burn_rate": b, "hours_to_exhaust": h * 0.95},
             {"burn_rate": b, "hours_to_exhaust": "soon"}]
+    # a near miss must miss: with half the requests fast, the good share equals the slow one
+    return [c for c in candidates if any(isinstance(c[k], str) or abs(c[k] - answers[k]) > 0.02 * abs(answers[k]) for k in c)]
 
 
 EXERCISE = Exercise(
