@@ -110,11 +110,13 @@ def test_fp16_storage_halves_the_file_and_loads_into_fp32(tmp_path):
 
 @pytest.fixture
 def tiny_shipped(tmp_dirs, monkeypatch):
-    """The shipped profiles with one-epoch recipes on 320 images, and 256 test images."""
+    """The shipped profiles with one-epoch recipes on 320 images, and 256 test images (and the teacher's
+    cached training-set logits of `prepare` on those 320 images, not on workshop's 12,000)."""
     monkeypatch.setitem(assets.SHIPPED_RECIPES, "teacher", train.Recipe(epochs=1, batch_size=64, lr=0.05))
     monkeypatch.setitem(assets.SHIPPED_RECIPES, "student", train.Recipe(epochs=2, batch_size=64, lr=0.05))
     monkeypatch.setattr(assets, "training_images", lambda p: 320 if p.models == "shipped" else p.train_images)
-    monkeypatch.setitem(config.PROFILES, "workshop", dataclasses.replace(config.PROFILES["workshop"], test_images=256))
+    monkeypatch.setitem(config.PROFILES, "workshop",
+                        dataclasses.replace(config.PROFILES["workshop"], test_images=256, train_images=320))
     return config.PROFILES["workshop"]
 
 
