@@ -14,11 +14,28 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = sorted(exercises.MODULES)
 
 
+_CASES: dict[str, tuple] = {}
+
+
+def _case(name: str) -> tuple:
+    """The exercise, its example inputs and its solution, computed once per exercise in this module:
+    some inputs take seconds (an ONNX export, a model's logits on thousands of images)."""
+    if name not in _CASES:
+        exercise = exercises.get(name)
+        inputs = exercise.example_inputs()
+        _CASES[name] = (exercise, inputs, exercise.solution(**inputs))
+    return _CASES[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_cases():
+    yield
+    _CASES.clear()
+
+
 @pytest.fixture(scope="module", params=NAMES)
 def exercise_case(request):
-    exercise = exercises.get(request.param)
-    inputs = exercise.example_inputs()
-    return exercise, inputs, exercise.solution(**inputs)
+    return _case(request.param)
 
 
 def test_the_solution_passes(exercise_case, capsys):
@@ -46,9 +63,7 @@ def test_no_answer_yet_is_reported_not_raised(exercise_case, capsys):
 
 @pytest.mark.parametrize("name", [n for n in NAMES if len(exercises.get(n).answers) > 1])
 def test_a_partial_answer_is_wrong(name):
-    exercise = exercises.get(name)
-    inputs = exercise.example_inputs()
-    answers = exercise.solution(**inputs)
+    exercise, inputs, answers = _case(name)
     with pytest.raises(exercises.WrongAnswer, match="set"):
         exercises.check(name, {**answers, exercise.answers[-1]: None}, **inputs)
 
