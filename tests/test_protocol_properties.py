@@ -22,7 +22,7 @@ from deploylab import data
 from deploylab.serving import protocol, serverless
 from deploylab.serving.protocol import BadRequest
 
-MANY = settings(max_examples=2_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MANY = settings(max_examples=1_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SOME = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 json_values = st.recursive(
