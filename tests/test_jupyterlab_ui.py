@@ -158,7 +158,7 @@ def test_00_baseline_runs_in_jupyterlab_without_errors_and_its_widget_renders(la
     t0 = time.monotonic()
     prompts: list[str] = []
     while time.monotonic() - t0 < RUN_TIMEOUT_S:
-        time.sleep(2)
+        time.sleep(0.5)
         prompts = _prompts(page)
         done = len(prompts) == n_code and all(re.fullmatch(r"\[\d+\]:|hidden", p) for p in prompts)
         if done and _kernel_status(page) == "idle":
@@ -189,8 +189,11 @@ def test_00_baseline_runs_in_jupyterlab_without_errors_and_its_widget_renders(la
     assert page.locator(".jp-OutputArea-output .widget-slider .widget-readout, .widget-slider .widget-readout").count() >= 1
 
     # the file saved by the UI agrees: every code cell ran, none holds an error output
+    unsaved = copy.read_bytes()
     page.keyboard.press("Control+s")
-    time.sleep(2)
+    deadline = time.monotonic() + 15  # Jupyter writes the file atomically: wait until it changed, not a fixed time
+    while copy.read_bytes() == unsaved and time.monotonic() < deadline:
+        time.sleep(0.2)
     saved = json.loads(copy.read_text())
     code = [c for c in saved["cells"] if c["cell_type"] == "code"]
     assert all(isinstance(c.get("execution_count"), int) for c in code), "the saved copy has cells that did not run"
