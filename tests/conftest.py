@@ -34,3 +34,21 @@ def onnx_path(profile):
     from deploylab import deployable
 
     return deployable.student_onnx(profile)
+
+
+@pytest.fixture(scope="session")
+def serve_image(profile, onnx_path):
+    """Lesson 06's serving image (``deploylab-serve:<profile>``), staged and built once per session for the
+    tests that run it (test_docker_integration, test_proxy_integration): a second build would only stage the
+    archive again and send the build context for the cached layers. Only requested where Docker runs."""
+    import os
+    from pathlib import Path
+
+    from deploylab.serving import docker_build, engine
+
+    wheels = os.environ.get("DEPLOYLAB_WHEELS") or ("/opt/wheels" if any(Path("/opt/wheels").glob("torch-*.whl")) else None)
+    bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+    certs = os.environ.get("DEPLOYLAB_CERTS") or (str(bundle) if bundle.is_file() else None)
+    engine.ensure_base_image()
+    docker_build.stage_context(onnx_path, wheels=wheels, certs=certs)
+    return docker_build.build_image(f"{docker_build.IMAGE}:{profile.name}", progress=False)

@@ -11,9 +11,6 @@ the build -- what a machine behind a TLS-intercepting proxy needs.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import httpx
 import pytest
 
@@ -24,26 +21,9 @@ ENGINE = engine.ensure_engine()
 pytestmark = pytest.mark.skipif(ENGINE is not None, reason=f"no Docker engine can be started here: {ENGINE}")
 
 
-def _wheels() -> str | None:
-    env = os.environ.get("DEPLOYLAB_WHEELS")
-    if env:
-        return env
-    return "/opt/wheels" if any(Path("/opt/wheels").glob("torch-*.whl")) else None
-
-
-def _certs() -> str | None:
-    env = os.environ.get("DEPLOYLAB_CERTS")
-    if env:
-        return env
-    bundle = Path("/etc/ssl/certs/ca-certificates.crt")
-    return str(bundle) if bundle.is_file() else None
-
-
 @pytest.fixture(scope="module")
-def image(profile, onnx_path):
-    engine.ensure_base_image()
-    docker_build.stage_context(onnx_path, wheels=_wheels(), certs=_certs())
-    built = docker_build.build_image(f"{docker_build.IMAGE}:{profile.name}", progress=False)
+def image(serve_image):
+    built = serve_image  # staged and built in conftest.py, once per session (test_proxy_integration runs it too)
     assert built.size_bytes > 100e6 and built.image_id
     print(f"image {built.tag}: {built.size_bytes / 1e9:.2f} GB, built in {built.seconds:.0f} s "
           f"({built.cached_steps}/{built.steps} steps cached)")

@@ -5,26 +5,24 @@ request-smuggling shapes refused, overload answered with 429 and Retry-After, no
 a valid request answered like in-process ONNX Runtime. The malformed requests go as raw bytes over
 ``ssl``-wrapped sockets; the valid ones with httpx, verifying the certificate against the test's CA.
 
-The serving image is the one tests/test_docker_integration.py builds (Docker's layer cache: only the
-last layers are rebuilt if anything); the proxy's image is ~15 MB of nginx-light on the same base.
+The serving image is the session's ``serve_image`` (tests/conftest.py), built once for this module and
+tests/test_docker_integration.py; the proxy's image is ~15 MB of nginx-light on the same base.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
 import socket
 import ssl
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from deploylab import data, export, onnxrt
-from deploylab.serving import docker_build, engine, processes, protocol, proxy
+from deploylab.serving import engine, processes, protocol, proxy
 
 ENGINE = engine.ensure_engine()
 pytestmark = [
@@ -34,22 +32,9 @@ pytestmark = [
 TIMEOUT_S = 5.0  # client_header_timeout and client_body_timeout in docker/nginx.conf
 
 
-def _wheels() -> str | None:
-    env = os.environ.get("DEPLOYLAB_WHEELS")
-    return env or ("/opt/wheels" if any(Path("/opt/wheels").glob("torch-*.whl")) else None)
-
-
-def _certs() -> str | None:
-    bundle = Path("/etc/ssl/certs/ca-certificates.crt")
-    return os.environ.get("DEPLOYLAB_CERTS") or (str(bundle) if bundle.is_file() else None)
-
-
 @pytest.fixture(scope="module")
-def stack(profile, onnx_path, tmp_path_factory):
-    engine.ensure_base_image()
-    docker_build.stage_context(onnx_path, wheels=_wheels(), certs=_certs())
-    docker_build.build_image(f"{docker_build.IMAGE}:{profile.name}", progress=False)
-    built = proxy.build_proxy_image(progress=False)
+def stack(profile, serve_image, tmp_path_factory):
+    built = proxy.build_proxy_image(progress=False)  # on the base image serve_image (conftest.py) ensured
     print(f"proxy image {built.size_bytes / 1e6:.0f} MB ({built.cached_steps}/{built.steps} steps cached)")
     s = proxy.Stack(proxy.make_secrets(tmp_path_factory.mktemp("proxy")), image_tag=profile.name)
     with s:
