@@ -153,3 +153,27 @@ def latency_vs_offered_load(curves: dict[str, list[dict[str, Any]]], slo_ms: flo
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     return fig
+
+
+def rollout_timeline(panels: dict[str, tuple[list[dict[str, float]], list[dict[str, Any]]]]) -> Figure:
+    """Lesson 10: one panel per canary run -- the candidate's share of the answers served and its
+    disagreement and error rates per time bin (``canary.timeline``), the controller's decisions as
+    vertical lines (``Controller.events``: start, step, promote, rollback)."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.8 * len(panels)), sharex=True, squeeze=False)
+    colours = {"start": "gray", "step": "tab:blue", "promote": "tab:green", "rollback": "tab:red"}
+    for ax, (title, (bins, events)) in zip(axes[:, 0], panels.items()):
+        t = [b["t"] for b in bins]
+        ax.step(t, [b["share"] for b in bins], where="post", color="tab:blue", label="candidate's share of answers served")
+        ax.plot(t, [b["disagreement"] for b in bins], "o", ms=3, color="tab:orange", label="candidate disagrees with the served version")
+        ax.plot(t, [b["error_rate"] for b in bins], "x", ms=4, color="tab:red", label="candidate error rate")
+        t0 = bins[0]["t0"] if bins and "t0" in bins[0] else 0.0
+        for e in events:
+            ax.axvline(e["t"] - t0, color=colours.get(e["action"], "black"), ls="--", lw=1)
+            ax.annotate(e["action"], (e["t"] - t0, 1.02), fontsize=7, color=colours.get(e["action"], "black"), rotation=90,
+                        va="bottom", ha="right")
+        ax.set(ylim=(-0.03, 1.15), ylabel="fraction", title=title)
+        ax.grid(True, alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="center right")
+    axes[-1, 0].set_xlabel("seconds since the run started")
+    fig.tight_layout()
+    return fig

@@ -2,7 +2,7 @@
 
 Each lesson's exercise lives in a module of this package (``baseline``, ``quantization``,
 ``pruning``, ``distillation``, ``onnx_export``, ``serving``, ``container``, ``decision``,
-``scale_out``, ``monitoring``) as one :class:`Exercise`: a ``check`` that raises :class:`WrongAnswer` with a hint
+``scale_out``, ``rollout``, ``monitoring``) as one :class:`Exercise`: a ``check`` that raises :class:`WrongAnswer` with a hint
 when an answer is wrong, and a ``solution`` that computes the right answer from the same inputs.
 A notebook's self-check cell calls :func:`check`; the solution is printed on demand by
 :func:`show_solution`, so "run all" never replaces what the learner wrote.
@@ -22,6 +22,7 @@ from typing import Any
 MODULES = {"worst_class": "baseline", "most_sensitive_layer": "quantization", "least_pruned_layer": "pruning",
            "dark_knowledge": "distillation", "portable_graph": "onnx_export", "jpeg_disagreements": "serving",
            "docker_run_args": "container", "cheap_and_good": "decision", "replicas_for_target": "scale_out",
+           "answers_before_rollback": "rollout",
            "budget_burn": "monitoring"}
 
 

@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,18 @@ class RouterState:
                          "agree": agree, "error": answer.error})
 
 
-async def forward(client: httpx.AsyncClient, backend: Backend, path: str, body: bytes, content_type: str | None) -> Answer:
-    """Send the request to ``backend`` with its own key; a transport failure is an Answer with status None."""
+def forward(client: httpx.AsyncClient, backend: Backend, path: str, body: bytes, content_type: str | None) -> Awaitable[Answer]:
+    """Send the request to ``backend`` with its own key; a transport failure is an Answer with status None.
+
+    The request counts as in flight on ``backend`` from this call on, before anything is awaited:
+    a swap that happens before the coroutine first runs (``asyncio.gather`` schedules it) still
+    finds it in flight and waits for it.
+    """
     backend.inflight += 1
+    return _send(client, backend, path, body, content_type)
+
+
+async def _send(client: httpx.AsyncClient, backend: Backend, path: str, body: bytes, content_type: str | None) -> Answer:
     t0 = time.perf_counter()
     try:
         headers = {"Authorization": f"Bearer {backend.key}", "Content-Type": content_type or "application/octet-stream"}
@@ -187,7 +197,8 @@ def create_app(stable: dict[str, str], *, key: str, admin_key: str) -> Starlette
 
     def describe() -> dict[str, Any]:
         state.draining = [b for b in state.draining if b.inflight > 0]  # drained ones are forgotten
-        return {"stable": state.stable.version, "candidate": state.candidate.version if state.candidate else None,
+        return {"t": round(time.monotonic() - state.t0, 4),
+                "stable": state.stable.version, "candidate": state.candidate.version if state.candidate else None,
                 "weight": state.weight, "shadow": state.shadow, "logged": len(state.log),
                 "inflight": {b.version: b.inflight for b in (state.stable, state.candidate) if b is not None},
                 "draining": {b.version: b.inflight for b in state.draining}}
@@ -315,7 +326,7 @@ class RouterServer:
         return self._admin("POST", "/admin/state", json=change)
 
     def state(self) -> dict[str, Any]:
-        """Versions, share, shadow flag, requests in flight per version and per draining version."""
+        """The router's clock (``t``, the log's), versions, share, shadow flag, requests in flight per version and per draining version."""
         return self._admin("GET", "/admin/state")
 
     def log(self, since: int = 0) -> tuple[list[dict[str, Any]], int]:
