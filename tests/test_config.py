@@ -42,10 +42,11 @@ def test_every_lesson_module_sizes_every_profile_the_same_way():
     import inspect
 
     from deploylab import distill, export, prune, quantize
+    from deploylab.backends import harness
     from deploylab.ops import drift, monitoring
     from deploylab.serving import asgi, container, ray_serve, scenarios, torchserve
 
-    for module in (quantize, prune, distill, export, torchserve, container, asgi, ray_serve, scenarios, drift, monitoring):
+    for module in (quantize, prune, distill, export, harness, torchserve, container, asgi, ray_serve, scenarios, drift, monitoring):
         assert set(module.SIZES) == set(config.PROFILES), module.__name__
         assert list(inspect.signature(module.sizes).parameters) == ["profile"], module.__name__
         for profile in config.PROFILES.values():

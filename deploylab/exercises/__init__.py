@@ -1,7 +1,7 @@
 """Self-checked exercises: the learner's answer is checked, never overwritten.
 
 Each lesson's exercise lives in a module of this package (``baseline``, ``quantization``,
-``pruning``, ``distillation``, ``onnx_export``, ``serving``, ``container``, ``decision``,
+``pruning``, ``distillation``, ``onnx_export``, ``runtimes``, ``serving``, ``container``, ``decision``,
 ``scale_out``, ``rollout``, ``monitoring``) as one :class:`Exercise`: a ``check`` that raises :class:`WrongAnswer` with a hint
 when an answer is wrong, and a ``solution`` that computes the right answer from the same inputs.
 A notebook's self-check cell calls :func:`check`; the solution is printed on demand by
@@ -23,7 +23,8 @@ MODULES = {"worst_class": "baseline", "most_sensitive_layer": "quantization", "l
            "dark_knowledge": "distillation", "portable_graph": "onnx_export", "jpeg_disagreements": "serving",
            "docker_run_args": "container", "cheap_and_good": "decision", "replicas_for_target": "scale_out",
            "answers_before_rollback": "rollout",
-           "budget_burn": "monitoring"}
+           "budget_burn": "monitoring",
+           "runtime_floor": "runtimes"}
 
 
 class WrongAnswer(AssertionError):
