@@ -1,8 +1,10 @@
 """TorchServe handler for the deploylab Fashion-MNIST classifier (lesson 05).
 
-It serves the exported student through ONNX Runtime (``backend: onnx``, the default) or the
+It serves the exported student through ONNX Runtime (``backend: onnx``, the default), an
+ExecuTorch program (``backend: executorch``, a ``.pte`` file: the runtime lesson 04b chose) or the
 PyTorch checkpoint (``backend: pytorch``), chosen in the ``handler:`` section of the archive's
-model-config.yaml. One request carries one image, either
+model-config.yaml. ONNX and ExecuTorch load through ``deploylab.serving.predictor.load``, which
+checks the file's sha256 against its model card. One request carries one image, either
 
 - PNG or JPEG bytes (any content type; grayscale or colour, square, at most ``max_side`` pixels), or
 - a JSON array of pixels: ``[[0, 12, ...], ...]`` (H x H integers in 0..255) or
@@ -33,14 +35,14 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from deploylab import data as dl_data
-from deploylab import export
-from deploylab.serving import protocol
+from deploylab.serving import predictor, protocol
 from deploylab.serving.protocol import BadRequest  # imported, not defined here: TorchServe wants one class per handler file
 
 log = logging.getLogger(__name__)
+RUNTIMES = {"onnx": "onnxruntime", "executorch": "executorch"}  # handler.backend -> predictor's runtime
 
 DEFAULTS = {
-    "backend": "onnx",  # or "pytorch"
+    "backend": "onnx",  # or "executorch", "pytorch"
     "top_k": 3,
     **protocol.LIMITS,  # the input limits of every server (the frontend's max_request_size is a second, outer one)
     "intra_op_threads": 1,  # per worker: workers x threads should not exceed the cores
@@ -73,11 +75,10 @@ class DeploylabHandler(BaseHandler):
         self.labels = json.loads((model_dir / "index_to_name.json").read_text())
         serialized = model_dir / self.manifest["model"]["serializedFile"]
         threads = int(self.cfg["intra_op_threads"])
-        if self.cfg["backend"] == "onnx":
+        if self.cfg["backend"] in RUNTIMES:
             # checks the file's sha256 against its model card (shipped in the archive) before serving
-            self.session, self.card = export.load_exported(serialized, threads=threads)
-            self.input_name = self.session.get_inputs()[0].name
-            self.model = None
+            self.session = predictor.load(serialized, runtime=RUNTIMES[self.cfg["backend"]], threads=threads)
+            self.card, self.model = self.session.card, None
         elif self.cfg["backend"] == "pytorch":
             from deploylab import models  # lazy: only this backend needs torchvision, the serving image has none
 
@@ -88,7 +89,7 @@ class DeploylabHandler(BaseHandler):
             self.model.eval()
             self.session, self.card = None, meta
         else:
-            raise ValueError(f"handler.backend must be 'onnx' or 'pytorch', got {self.cfg['backend']!r}")
+            raise ValueError(f"handler.backend must be 'onnx', 'executorch' or 'pytorch', got {self.cfg['backend']!r}")
         self.initialized = True
         log.info("deploylab handler ready: backend=%s, threads=%d, pid=%d", self.cfg["backend"], threads, os.getpid())
 
@@ -110,7 +111,7 @@ class DeploylabHandler(BaseHandler):
     def inference(self, x: torch.Tensor) -> np.ndarray:
         """Logits for a batch of preprocessed images."""
         if self.session is not None:
-            return self.session.run(None, {self.input_name: x.numpy()})[0]
+            return self.session.run(x.numpy())
         with torch.inference_mode():
             return self.model(x).numpy()
 

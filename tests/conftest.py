@@ -37,6 +37,14 @@ def onnx_path(profile):
 
 
 @pytest.fixture(scope="session")
+def program_path(profile):
+    """The profile's ExecuTorch INT8 student (``serve_student_int8.pte``, built on first use): lesson 04b's choice, served."""
+    from deploylab import deployable
+
+    return deployable.student_program(profile)
+
+
+@pytest.fixture(scope="session")
 def serve_image(profile, onnx_path):
     """Lesson 06's serving image (``deploylab-serve:<profile>``), staged and built once per session for the
     tests that run it (test_docker_integration, test_proxy_integration): a second build would only stage the

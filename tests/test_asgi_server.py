@@ -14,7 +14,8 @@ import pytest
 import rawhttp
 
 from deploylab import data, export, onnxrt
-from deploylab.serving import asgi, corpus, load, protocol
+from deploylab.serving import asgi, corpus, load, predictor, protocol
+from deploylab.serving.processes import ServeError
 
 
 @pytest.fixture(scope="module")
@@ -344,3 +345,42 @@ def test_requests_after_idle_gaps_around_the_timeouts_never_fail_in_transport(se
     with concurrent.futures.ThreadPoolExecutor(len(gaps)) as pool:
         outcomes = [o for run in pool.map(burst_gap_burst, gaps) for o in run]
     assert outcomes.count("200") == len(outcomes), sorted(set(outcomes))
+
+
+def _program_top1(program_path, images) -> np.ndarray:
+    """The ExecuTorch program's top-1 on raw test images, run in this process."""
+    return predictor.load(program_path, threads=1).run(data.preprocess(images).numpy()).argmax(1)
+
+
+def test_runtime_executorch_serves_the_int8_program_like_in_process_and_refuses_changed_bytes(program_path, tmp_path):
+    """``--runtime executorch`` on lesson 04b's choice: the same top-1 as the program in this process on real
+    test images (batches of 1 to 8); a copy of the program with one byte changed is refused at start (card sha256)."""
+    images, _ = data.raw_split("test", 48)
+    reference = _program_top1(program_path, images)
+    with asgi.AsgiServer(program_path, runtime="executorch", max_batch=8) as server, server.client() as c:
+        par = load.served_parity(c, "student", images, reference, concurrency=8, progress=False)
+        assert server.stats()["runtime"] == "executorch"
+    assert par["statuses"] == {200: 48} and par["agreement"] == 1.0
+    changed = tmp_path / program_path.name
+    raw = bytearray(program_path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    changed.write_bytes(bytes(raw))
+    (tmp_path / export.card_path(program_path).name).write_bytes(export.card_path(program_path).read_bytes())
+    with pytest.raises(ServeError, match="sha256"):
+        asgi.AsgiServer(changed, runtime="executorch", start_timeout_s=60).start()
+
+
+def test_the_runtime_must_match_the_file_and_a_program_splits_batches_above_its_bound(program_path, onnx_path):
+    """A runtime that cannot run the file is a ValueError naming the choices, before any process starts; a batch above
+    the program's planned bound (its card's max_batch) runs in chunks with the same answers."""
+    with pytest.raises(ValueError, match="onnxruntime, executorch"):
+        predictor.load(onnx_path, runtime="tensorrt")
+    with pytest.raises(ValueError, match="'.onnx' files need 'onnxruntime'"):
+        asgi.AsgiServer(onnx_path, runtime="executorch")
+    assert predictor.load(onnx_path).runtime == "onnxruntime"
+    program = predictor.load(program_path, threads=1)
+    x = data.preprocess(data.raw_split("test", program.max_batch + 8)[0]).numpy()
+    whole = program.run(x)
+    assert program.runtime == "executorch" and program.card["format"] == "pte" and whole.shape == (len(x), 10)
+    assert np.array_equal(whole[: program.max_batch], program.run(x[: program.max_batch]))
+    assert np.array_equal(whole[program.max_batch :], program.run(x[program.max_batch :]))

@@ -23,15 +23,15 @@ import psutil
 import pytest
 import rawhttp
 
-from deploylab import config, data, export
-from deploylab.serving import corpus, litserve_app, load, loadgen, protocol, ray_serve, slow_clients
+from deploylab import config, data
+from deploylab.serving import corpus, litserve_app, load, loadgen, predictor, protocol, ray_serve, slow_clients
 from deploylab.serving.api import Client
 from deploylab.serving.processes import ServeError
 
 
-def _reference_top1(onnx_path, images: np.ndarray) -> np.ndarray:
-    sess, _ = export.load_exported(onnx_path, threads=1)
-    return sess.run(None, {sess.get_inputs()[0].name: data.preprocess(images).numpy()})[0].argmax(1)
+def _reference_top1(model_path, images: np.ndarray) -> np.ndarray:
+    """The model's top-1 in this process (ONNX Runtime or ExecuTorch, from the file's suffix)."""
+    return predictor.load(model_path, threads=1).run(data.preprocess(images).numpy()).argmax(1)
 
 
 def _check_server(server, onnx_path) -> None:
@@ -45,7 +45,7 @@ def _check_server(server, onnx_path) -> None:
     with server.client() as c:
         assert c.ping() == {"status": "Healthy"}
         got = np.array([c.top1("student", im) for im in images])
-        assert (got == want).all(), f"served top-1 differs from in-process ONNX Runtime at {np.flatnonzero(got != want)}"
+        assert (got == want).all(), f"served top-1 differs from the model in process at {np.flatnonzero(got != want)}"
         results = corpus.run_bad_inputs(c, "student", corpus.bad_inputs())
         wrong = [(r["case"], r["status"]) for r in results if not r["ok"]]
         assert not wrong, f"bad inputs not answered with their 4xx: {wrong}"
@@ -64,7 +64,7 @@ def _listening(processes) -> list[tuple[str, int]]:
 DRIVER = r"""
 import json, sys, time
 from deploylab.serving import ray_serve
-server = ray_serve.RayServeServer(sys.argv[1], nodes=1, num_replicas=1, keep_alive_s=int(sys.argv[3])).start()
+server = ray_serve.RayServeServer(sys.argv[1], runtime=sys.argv[4], nodes=1, num_replicas=1, keep_alive_s=int(sys.argv[3])).start()
 info = {"url": server.url, "key_file": str(server.key_file), "temp_dir": str(server.cluster.temp_dir),
         "running": server.running(), "replicas": [r["pid"] for r in server.replicas()]}
 with open(sys.argv[2] + ".part", "w") as f:
@@ -80,10 +80,10 @@ KEEP_ALIVE_S = 6  # the test cluster's (the course's 75 s is too long to watch),
 class RayDriver:
     """A Python process driving a :class:`RayServeServer` (one replica), as a notebook kernel does."""
 
-    def __init__(self, onnx_path, workdir):
+    def __init__(self, model_path, workdir, runtime: str):
         self.info_file, self.log = workdir / "driver.json", workdir / "driver.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(onnx_path), str(self.info_file), str(KEEP_ALIVE_S)],
+            self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(model_path), str(self.info_file), str(KEEP_ALIVE_S), runtime],
                                          cwd=config.ROOT,
                                          stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
@@ -126,18 +126,21 @@ def _alive(p: psutil.Process) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ray_driver(onnx_path, tmp_path_factory):
-    """One Ray Serve cluster for this module's Ray tests, driven from its own process (one cluster start, ~20 s)."""
-    driver = RayDriver(onnx_path, tmp_path_factory.mktemp("ray-driver"))
+def ray_driver(program_path, tmp_path_factory):
+    """One Ray Serve cluster for this module's Ray tests, driven from its own process (one cluster start, ~20 s).
+
+    It serves what lessons 07-08 serve where lesson 04b chose it: the ExecuTorch INT8 program
+    (``runtime="executorch"``); the other servers' tests cover ONNX Runtime through the same ``predictor.load``."""
+    driver = RayDriver(program_path, tmp_path_factory.mktemp("ray-driver"), "executorch")
     yield driver
     driver.kill_everything()
 
 
-def test_ray_serve_serves_and_refuses(ray_driver, onnx_path):
+def test_ray_serve_serves_and_refuses(ray_driver, program_path):
     assert ray_driver.info["running"] == 1
     procs = ray_driver.processes()
     assert ray_serve.ray_processes(ray_driver.temp_dir), "no Ray process found by its temp dir: the leftover check would see nothing"
-    _check_server(ray_driver, onnx_path)
+    _check_server(ray_driver, program_path)  # top-1 as the ExecuTorch program's in this process
     url_port = int(ray_driver.url.rsplit(":", 1)[1])
     http = [ip for ip, port in _listening(procs) if port == url_port]
     assert http and all(ip == "127.0.0.1" for ip in http), f"Serve's HTTP proxy listens on {http}"
@@ -153,7 +156,7 @@ def _first_shed(url: str, key: str, body: bytes, stop: threading.Event) -> httpx
     return None
 
 
-def test_ray_serve_one_replica_answers_or_sheds_a_crowd_of_200(ray_driver, onnx_path):
+def test_ray_serve_one_replica_answers_or_sheds_a_crowd_of_200(ray_driver, program_path):
     """200 connections at once against one replica, each sending its next request as soon as it has an answer
     (Retry-After ignored: the worst case): every request answered right or shed with 503 and Retry-After,
     each within 10 s -- none left waiting. Meanwhile, a connection idle after its answer is closed after the
@@ -179,7 +182,7 @@ def test_ray_serve_one_replica_answers_or_sheds_a_crowd_of_200(ray_driver, onnx_
     assert idle["answered"] == 200 and idle["closed after s"] is not None, idle
     assert KEEP_ALIVE_S - 0.5 <= idle["closed after s"] <= KEEP_ALIVE_S + 3, idle
     with ray_driver.client() as c:  # served answers still right after the crowd
-        assert c.top1("student", images[0]) == _reference_top1(onnx_path, images[:1])[0]
+        assert c.top1("student", images[0]) == _reference_top1(program_path, images[:1])[0]
 
 
 def test_a_ray_driver_stopped_with_sigterm_leaves_no_ray_process(ray_driver):
@@ -235,6 +238,16 @@ def test_litserve_serves_refuses_and_leaves_nothing(onnx_path):
     assert not [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "LitServe processes survived"
     assert not server.key_file.exists()
     assert not server.tmp_dir.exists() and not any(m.exists() for m in made), "LitServe's temporary folder outlived stop()"
+
+
+def test_litserve_serves_the_executorch_program(program_path):
+    """``--runtime executorch``: LitServe's worker loads the INT8 program (card checked) and answers real test images with
+    the program's top-1 in this process."""
+    images, _ = data.raw_split("test", 16)
+    want = _reference_top1(program_path, images)
+    with litserve_app.LitServeServer(program_path, runtime="executorch", max_batch=8, keep_alive_s=3) as server, server.client() as c:
+        got = np.array([c.top1("student", im) for im in images])
+    assert (got == want).all(), f"served top-1 differs from the program in process at {np.flatnonzero(got != want)}"
 
 
 def test_a_port_in_use_is_a_clear_error(onnx_path):

@@ -90,3 +90,25 @@ def test_a_form_upload_event_is_answered_like_the_raw_image(function):
     form = function(serverless.event_from_body(request.read(), request.headers["content-type"]), None)
     assert raw["statusCode"] == 200 and form["statusCode"] == 200, form
     assert json.loads(form["body"]) == json.loads(raw["body"])
+
+
+def test_the_function_serves_the_executorch_program_named_by_its_environment(program_path, monkeypatch):
+    """DEPLOYLAB_RUNTIME=executorch with the INT8 program: the same top-1 as the program in process on real images;
+    a runtime that cannot run the file is refused when configured."""
+    from deploylab.serving import predictor
+
+    images, _ = data.raw_split("test", 16)
+    reference = predictor.load(program_path, threads=1).run(data.preprocess(images).numpy()).argmax(1)
+    monkeypatch.setenv(serverless.MODEL_ENV, str(program_path))
+    monkeypatch.setenv(serverless.RUNTIME_ENV, "executorch")
+    monkeypatch.setenv(serverless.THREADS_ENV, "1")
+    serverless._STATE.clear()
+    try:
+        got = [json.loads(serverless.handler(serverless.event_from_image(protocol.png_bytes(im)))["body"])["predictions"][0]["index"]
+               for im in images]
+        assert serverless.model().runtime == "executorch"
+        assert got == reference.tolist()
+        with pytest.raises(ValueError, match="'.pte' files need 'executorch'"):
+            serverless.configure(program_path, runtime="onnxruntime")
+    finally:
+        serverless.configure(None)

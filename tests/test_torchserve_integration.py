@@ -19,15 +19,17 @@ pytestmark = pytest.mark.skipif(JAVA is not None, reason=f"TorchServe cannot run
 
 MODEL = "student"
 PT_MODEL = "student_pytorch"  # the same handler with backend: pytorch
+ET_MODEL = "student_executorch"  # the same handler with backend: executorch (lesson 04b's INT8 program)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, onnx_path):
+def server(tmp_path_factory, onnx_path, program_path):
     store = tmp_path_factory.mktemp("model-store")
     torchserve.build_archive(onnx_path, store, MODEL, torchserve.ModelConfig(batch_size=8, max_batch_delay_ms=5))
     checkpoint = config.artefacts_dir(config.get_profile()) / "student.pt"
     torchserve.build_archive(checkpoint, store, PT_MODEL, torchserve.ModelConfig(backend="pytorch", min_workers=1, max_workers=1))
-    ts = torchserve.TorchServe(store, {MODEL: f"{MODEL}.mar", PT_MODEL: f"{PT_MODEL}.mar"},
+    torchserve.build_archive(program_path, store, ET_MODEL, torchserve.ModelConfig(backend="executorch", min_workers=1, max_workers=1))
+    ts = torchserve.TorchServe(store, {MODEL: f"{MODEL}.mar", PT_MODEL: f"{PT_MODEL}.mar", ET_MODEL: f"{ET_MODEL}.mar"},
                           workdir=tmp_path_factory.mktemp("torchserve"))
     with ts:
         yield ts
@@ -63,6 +65,17 @@ def test_pytorch_backend_agrees_with_onnxruntime(client, onnx_path, profile):
     sess, _ = export.load_exported(onnx_path, profile=profile)
     reference = onnxrt.run(sess, data.preprocess(images)).argmax(1)
     result = load.served_parity(client, PT_MODEL, images, reference, progress=False)
+    assert result["statuses"] == {200: 32} and result["agreement"] == 1.0
+
+
+def test_executorch_backend_serves_the_program_like_in_process(client, program_path):
+    """``backend: executorch``: the handler loads the .pte through predictor.load (card checked) and answers real
+    test images with the program's top-1 in this process."""
+    from deploylab.serving import predictor
+
+    images, _ = data.raw_split("test", 32)
+    reference = predictor.load(program_path, threads=1).run(data.preprocess(images).numpy()).argmax(1)
+    result = load.served_parity(client, ET_MODEL, images, reference, progress=False)
     assert result["statuses"] == {200: 32} and result["agreement"] == 1.0
 
 
@@ -145,7 +158,7 @@ def test_model_management_api_is_off_and_addresses_are_loopback(server, client):
 def test_roles_name_the_frontend_and_every_worker(server, client):
     """Lesson 05 accounts CPU time to these roles: one Java frontend, a worker per configured worker, the launcher."""
     roles = server.roles()
-    workers = {w["pid"] for m in (MODEL, PT_MODEL) for w in client.describe(m)["workers"]}
+    workers = {w["pid"] for m in (MODEL, PT_MODEL, ET_MODEL) for w in client.describe(m)["workers"]}
     assert [p.name() for p in roles["frontend"]] == ["java"]
     assert {p.pid for p in roles["workers"]} == workers and len(workers) >= 2
     assert sum(len(ps) for ps in roles.values()) == len(server.processes())

@@ -1,12 +1,14 @@
-"""A custom model server: Starlette on uvicorn, ONNX Runtime, micro-batching -- and a local function host.
+"""A custom model server: Starlette on uvicorn, the runtime lesson 04b chose, micro-batching -- and a local function host.
 
 One small ASGI app that you own end to end (lesson 07), in two modes:
 
 - ``batch`` (the custom server): every request is decoded and validated on its own
   (:mod:`deploylab.serving.protocol`, the same code as the TorchServe handler and the serverless function),
   then queued; a :class:`MicroBatcher` takes up to ``max_batch`` queued inputs -- waiting at most
-  ``max_wait_ms`` for more when the queue runs dry -- and makes ONE ``session.run`` per batch in a
-  worker thread, so the event loop keeps accepting requests while the model runs.
+  ``max_wait_ms`` for more when the queue runs dry -- and makes ONE model call per batch in a
+  worker thread, so the event loop keeps accepting requests while the model runs. The model is
+  :func:`deploylab.serving.predictor.load`'s: ONNX Runtime for a ``.onnx`` file, ExecuTorch for a
+  ``.pte`` program (``--runtime``), its sha256 checked against its card either way.
 - ``function``: a local stand-in for a cloud function's HTTP front door (what AWS's Runtime Interface
   Emulator or ``sam local`` do): each request becomes an API-Gateway event for
   :func:`deploylab.serving.serverless.handler`, run one at a time, as one function instance runs them.
@@ -19,19 +21,17 @@ a key file readable by its owner only (0600), as TorchServe's ``key_file.json``.
 :class:`AsgiServer` starts the app as a subprocess in its own process group and stops it leaving
 nothing behind (also at interpreter exit), through :class:`deploylab.serving.processes.ServerProcess`.
 With ``processes=N`` it runs N worker processes on one socket (uvicorn's ``--workers``: a supervisor
-that restarts a worker that dies), each with its own event loop, ONNX Runtime session and
+that restarts a worker that dies), each with its own event loop, model and
 micro-batcher -- one process per core, so that HTTP parsing and PNG decoding are no longer bound to
 one GIL. The workers read the bearer key from the key file the supervisor wrote.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -52,16 +52,15 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .. import config, export
+from .. import config
 from ..files import atomic_write_json
-from . import metrics, protocol, serverless
+from . import metrics, predictor, protocol, serverless
 from .api import Client
-from .header_timeout import HEADER_TIMEOUT_S, KEEP_ALIVE_S, header_timeout_protocol
+from .header_timeout import HEADER_TIMEOUT_S, header_timeout_protocol
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
 from .processes import ServeError, ServerProcess, free_ports
 from .protocol import BadRequest
-
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
+from .server_options import LOOPBACK, server_arguments, write_key_file  # noqa: F401 (imported from here by the other servers)
 
 
 @dataclass(frozen=True)
@@ -194,7 +193,7 @@ class MicroBatcher:
 # --------------------------------------------------------------------------------------------
 
 
-def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", model_name: str = "student",
+def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", model_name: str = "student", runtime: str | None = None,
                max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, top_k: int = 3,
                max_request_bytes: int = MAX_REQUEST_BYTES, body_timeout_s: float = BODY_TIMEOUT_S,
                stats_dir: str | os.PathLike | None = None, prometheus: bool = False) -> Callable:
@@ -204,9 +203,11 @@ def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", 
     ``stats_dir/worker-<pid>.json`` when it shuts down (and ``ready-<pid>`` once its model is loaded):
     with several worker processes, ``/stats`` answers for whichever worker took the connection, the
     files for all of them. With ``prometheus``, ``GET /metrics`` answers Prometheus (:mod:`.metrics`, lesson 09).
+    ``runtime``: what runs the model (:data:`~deploylab.serving.predictor.RUNTIMES`; None: from the file's suffix).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    predictor.runtime_for(model_path, runtime)  # a wrong runtime fails here, not in the lifespan
     expected = expected_header(key)
     state: dict[str, Any] = {}
     monitor = metrics.ServerMetrics() if prometheus else None
@@ -214,14 +215,13 @@ def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if mode == "batch":
-            sess, card = export.load_exported(model_path, threads=threads)  # sha256 checked against the card
-            name = sess.get_inputs()[0].name
-            state["batcher"] = MicroBatcher(lambda x: sess.run(None, {name: x})[0], max_batch=max_batch, max_wait_ms=max_wait_ms)
+            model = predictor.load(model_path, runtime=runtime, threads=threads)  # sha256 checked against the card
+            state["batcher"] = MicroBatcher(model.run, max_batch=max_batch, max_wait_ms=max_wait_ms)
             if monitor:
                 monitor.watch(state["batcher"])
             state["batcher"].start()
         else:
-            serverless.configure(model_path, threads=threads)
+            serverless.configure(model_path, threads=threads, runtime=runtime)
             serverless.model()  # a warm instance: the cold start is measured separately (serverless.cold_start)
             state["executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="function")
         if stats_dir is not None:
@@ -235,9 +235,10 @@ def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", 
             atomic_write_json(Path(stats_dir) / f"worker-{os.getpid()}.json", worker_stats())
 
     def worker_stats() -> dict[str, Any]:
-        """This process: its mode and pid, the batch sizes its micro-batcher formed, the top-level modules imported."""
+        """This process: its mode, runtime and pid, the batch sizes its micro-batcher formed, the top-level modules imported."""
         b = state.get("batcher")
-        return {"mode": mode, "pid": os.getpid(), "batch_sizes": dict(b.batch_sizes) if b else {},
+        return {"mode": mode, "runtime": predictor.runtime_for(model_path, runtime), "pid": os.getpid(),
+                "batch_sizes": dict(b.batch_sizes) if b else {},
                 "modules": sorted({m.split(".")[0] for m in sys.modules})}
 
     async def ping(request):
@@ -284,46 +285,6 @@ def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", 
     return monitor.instrument(app, expected) if monitor else app
 
 
-def write_key_file(path: str | os.PathLike) -> str:
-    """Generate a bearer key and write it to ``path``, readable by its owner only (created 0600).
-
-    The file is created exclusively (never written through an existing file or link); one left
-    behind by a server that is gone (its pid no longer runs) is removed first, one of a server
-    that still runs is refused.
-    """
-    path = Path(path)
-    if path.exists():
-        try:
-            owner = int(json.loads(path.read_text()).get("pid", -1))
-        except (OSError, ValueError, AttributeError):
-            owner = -1
-        if owner > 0 and owner != os.getpid() and psutil.pid_exists(owner):
-            raise SystemExit(f"{path} belongs to a running server (pid {owner}): stop it or choose another --key-file")
-        path.unlink()
-    key = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"inference": {"key": key}, "pid": os.getpid()}, f)
-    return key
-
-
-def server_arguments(description: str) -> argparse.ArgumentParser:
-    """The command-line options every Python server of the course shares (model, port, key file, batching, timeouts)."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model", required=True, help="ONNX file with its .card.json next to it")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--host", default="127.0.0.1", help="loopback only: put a TLS proxy in front to publish it")
-    p.add_argument("--key-file", required=True, help="where to write the generated bearer key (0600)")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S, help="a request body must arrive within this (408)")
-    p.add_argument("--header-timeout-s", type=float, default=HEADER_TIMEOUT_S,
-                   help="a request's headers must arrive within this, else the connection is closed")
-    p.add_argument("--keep-alive-s", type=int, default=KEEP_ALIVE_S,
-                   help="an idle kept-alive connection is closed after this (longer than any client of the kit keeps one)")
-    return p
-
-
 WORKER_ENV = "DEPLOYLAB_ASGI_WORKER"  # the settings a worker process reads (JSON), set by the supervisor
 
 
@@ -350,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     p = server_arguments(__doc__.splitlines()[0])
     p.add_argument("--mode", choices=MODES, default="batch")
     p.add_argument("--model-name", default="student")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (per process)")
+    p.add_argument("--threads", type=int, default=1, help="the runtime's intra-op threads (per process)")
     p.add_argument("--processes", type=int, default=1, help="worker processes on the one socket (one per core)")
     p.add_argument("--stats-dir", help="each process writes its statistics here when it stops")
     p.add_argument("--metrics", action="store_true", help="GET /metrics for Prometheus (several processes: multiprocess mode)")
@@ -359,9 +320,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"refusing to bind {a.host}: this server binds loopback only ({', '.join(LOOPBACK)})")
     if a.processes < 1:
         raise SystemExit(f"--processes must be >= 1, got {a.processes}")
-    torch.set_num_threads(1)  # data.preprocess of one image: no thread pool fighting ONNX Runtime for the cores
+    torch.set_num_threads(1)  # data.preprocess of one image: no thread pool fighting the model's for the cores
     key = write_key_file(a.key_file)
-    settings = dict(model_path=a.model, mode=a.mode, model_name=a.model_name, max_batch=a.max_batch,
+    settings = dict(model_path=a.model, runtime=a.runtime, mode=a.mode, model_name=a.model_name, max_batch=a.max_batch,
                     max_wait_ms=a.max_wait_ms, threads=a.threads, body_timeout_s=a.body_timeout_s, stats_dir=a.stats_dir,
                     prometheus=a.metrics)
     try:
@@ -387,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
 class AsgiServer:
     """The app of this module as a subprocess in its own process group (a context manager)."""
 
-    def __init__(self, model_path: str | os.PathLike, *, mode: str = "batch", model_name: str = "student",
+    def __init__(self, model_path: str | os.PathLike, *, mode: str = "batch", model_name: str = "student", runtime: str | None = None,
                  max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, processes: int = 1,
                  workdir: str | os.PathLike | None = None, start_timeout_s: float = 60.0,
                  body_timeout_s: float = BODY_TIMEOUT_S, header_timeout_s: float = HEADER_TIMEOUT_S, metrics: bool = False):
@@ -399,7 +360,8 @@ class AsgiServer:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"no model file {self.model_path}")
-        self.mode, self.model_name = mode, model_name
+        predictor.runtime_for(self.model_path, runtime)  # an unknown or mismatched runtime: a ValueError before any process starts
+        self.mode, self.model_name, self.runtime = mode, model_name, runtime
         self.max_batch, self.max_wait_ms, self.threads = max_batch, max_wait_ms, threads
         self.body_timeout_s, self.header_timeout_s, self.metrics = body_timeout_s, header_timeout_s, metrics
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"deploylab-asgi-{mode}-"))
@@ -435,7 +397,12 @@ class AsgiServer:
                 "--key-file", str(self.key_file), "--mode", self.mode, "--model-name", self.model_name,
                 "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms), "--threads", str(self.threads),
                 "--body-timeout-s", str(self.body_timeout_s), "--header-timeout-s", str(self.header_timeout_s),
-                "--processes", str(self.processes_count), "--stats-dir", str(self.stats_dir)] + ["--metrics"] * self.metrics
+                "--processes", str(self.processes_count), "--stats-dir", str(self.stats_dir),
+                *self.runtime_args()] + ["--metrics"] * self.metrics
+
+    def runtime_args(self) -> list[str]:
+        """``--runtime NAME`` when one was given (otherwise the server takes it from the model file's suffix)."""
+        return ["--runtime", self.runtime] if self.runtime else []
 
     def start(self) -> "AsgiServer":
         """Launch the server, wait until /ping answers with the generated key; stop it again on any failure."""

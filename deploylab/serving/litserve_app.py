@@ -8,8 +8,9 @@ picklable values travel. The course's door therefore runs *in the API server, be
   body read of :mod:`~deploylab.serving.http_input` (413/408), :func:`~deploylab.serving.protocol.decode_http`
   (every bad input a 4xx), load shedding (503 with ``Retry-After``); a valid request reaches LitServe
   as JSON ``{"pixels": [[...]]}``. ``GET /ping`` answers as the other servers do, from LitServe's ``/health``.
-- :class:`StudentAPI` -- the LitAPI: ONNX Runtime loaded in ``setup`` (in the worker), LitServe's
-  dynamic batching (``max_batch_size``, ``batch_timeout``), one ``session.run`` per batch.
+- :class:`StudentAPI` -- the LitAPI: the model loaded in ``setup`` (in the worker) by
+  :func:`~deploylab.serving.predictor.load` (ONNX Runtime or ExecuTorch, ``--runtime``), LitServe's
+  dynamic batching (``max_batch_size``, ``batch_timeout``), one model call per batch.
 
 ``python -m deploylab.serving.litserve_app --model student.onnx --port 8080 --key-file key.json``
 starts it; :class:`LitServeServer` does so from a notebook or a test and stops every process again.
@@ -125,17 +126,17 @@ class HttpDoor:
 
 
 class StudentAPI(ls.LitAPI):
-    """The LitAPI serving the student's ONNX model with LitServe's dynamic batching (one ``session.run`` per batch)."""
+    """The LitAPI serving the student with LitServe's dynamic batching (one model call per batch)."""
 
-    def __init__(self, model_path: str | os.PathLike, *, max_batch: int = 16, max_wait_ms: float = 5.0, top_k: int = 3):
+    def __init__(self, model_path: str | os.PathLike, *, runtime: str | None = None, max_batch: int = 16, max_wait_ms: float = 5.0,
+                 top_k: int = 3):
         super().__init__(api_path=f"/predictions/{MODEL_NAME}", max_batch_size=max_batch, batch_timeout=max_wait_ms / 1000.0)
-        self.model_path, self.top_k = str(model_path), top_k
+        self.model_path, self.runtime, self.top_k = str(model_path), runtime, top_k
 
-    def setup(self, device) -> None:  # in the inference worker: the API object is pickled there, a session is not
-        from .. import export
+    def setup(self, device) -> None:  # in the inference worker: the API object is pickled there, a loaded model is not
+        from . import predictor
 
-        self.sess, _ = export.load_exported(self.model_path, threads=1)  # sha256 checked against the model card
-        self.input_name = self.sess.get_inputs()[0].name
+        self.model = predictor.load(self.model_path, runtime=self.runtime, threads=1)  # sha256 checked against the model card
 
     def decode_request(self, request: dict) -> np.ndarray:  # already validated by HttpDoor
         return protocol.model_input(np.asarray(request["pixels"], dtype=np.uint8))
@@ -144,7 +145,7 @@ class StudentAPI(ls.LitAPI):
         return np.concatenate(inputs)  # (1, 1, 32, 32) each -> (N, 1, 32, 32); the default would stack a new axis
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.sess.run(None, {self.input_name: x})[0]
+        return self.model.run(x)
 
     def unbatch(self, output: np.ndarray) -> list[np.ndarray]:
         return list(output)
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"port {a.port} is already in use on {a.host}: stop what listens there or choose another --port")
     key = write_key_file(a.key_file)
     try:
-        server = ls.LitServer(StudentAPI(a.model, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms), accelerator="cpu",
+        server = ls.LitServer(StudentAPI(a.model, runtime=a.runtime, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms), accelerator="cpu",
                               workers_per_device=a.workers, disable_openapi_url=True, fast_queue=a.fast_queue,
                               middlewares=[(HttpDoor, {"key": key, "body_timeout_s": a.body_timeout_s})])
         server.run(host=a.host, port=a.port, num_api_servers=1, generate_client_file=False, log_level="warning",
@@ -191,9 +192,10 @@ class LitServeServer(AsgiServer):
     under the workdir, which :meth:`stop` removes.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, max_batch: int = 16, max_wait_ms: float = 5.0, workers: int = 1,
-                 workdir: str | os.PathLike | None = None, start_timeout_s: float = 90.0, keep_alive_s: int = KEEP_ALIVE_S):
-        super().__init__(model_path, max_batch=max_batch, max_wait_ms=max_wait_ms, workdir=workdir,
+    def __init__(self, model_path: str | os.PathLike, *, runtime: str | None = None, max_batch: int = 16, max_wait_ms: float = 5.0,
+                 workers: int = 1, workdir: str | os.PathLike | None = None, start_timeout_s: float = 90.0,
+                 keep_alive_s: int = KEEP_ALIVE_S):
+        super().__init__(model_path, runtime=runtime, max_batch=max_batch, max_wait_ms=max_wait_ms, workdir=workdir,
                          start_timeout_s=start_timeout_s)
         self.workers, self.keep_alive_s = workers, keep_alive_s
         self.process.name = "the LitServe server"
@@ -203,7 +205,7 @@ class LitServeServer(AsgiServer):
                 "--key-file", str(self.key_file), "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms),
                 "--workers", str(self.workers), "--body-timeout-s", str(self.body_timeout_s),
                 "--header-timeout-s", str(self.header_timeout_s), "--keep-alive-s", str(self.keep_alive_s),
-                "--tmp-dir", str(self.tmp_dir)]
+                "--tmp-dir", str(self.tmp_dir)] + self.runtime_args()
 
     @property
     def tmp_dir(self) -> Path:

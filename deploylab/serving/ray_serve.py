@@ -7,7 +7,8 @@ distributed engine:
   its own process group (:mod:`~deploylab.serving.ray_cluster`);
 - :class:`Classifier` -- the Ray Serve deployment: the bearer check and the bounded body read of
   :mod:`~deploylab.serving.http_input`, :func:`~deploylab.serving.protocol.decode_http` for every
-  input, then ``@serve.batch`` so that one ``session.run`` serves up to ``max_batch`` requests;
+  input, then ``@serve.batch`` so that one model call serves up to ``max_batch`` requests (the model
+  loaded by :func:`~deploylab.serving.predictor.load`: ONNX Runtime or ExecuTorch, ``runtime``);
 - :class:`RayServeServer` -- a cluster plus the application behind Serve's HTTP proxy on 127.0.0.1,
   speaking TorchServe's URLs (``GET /ping``, ``POST /predictions/student``) so that
   :class:`~deploylab.serving.api.Client` and :func:`~deploylab.serving.load.load_run` drive it
@@ -127,12 +128,11 @@ class Classifier:
     """One Ray Serve replica: the shared HTTP door, then the model in batches (``@serve.batch``)."""
 
     def __init__(self, model_path: str, key_file: str | None = None, model_name: str = "student", top_k: int = 3,
-                 max_request_bytes: int = MAX_REQUEST_BYTES, body_timeout_s: float = BODY_TIMEOUT_S):
-        from .. import export  # in the replica's process
+                 max_request_bytes: int = MAX_REQUEST_BYTES, body_timeout_s: float = BODY_TIMEOUT_S, runtime: str | None = None):
+        from . import predictor  # in the replica's process
 
         self.expected = expected_header(read_key(key_file))
-        self.sess, _ = export.load_exported(model_path, threads=1)  # sha256 checked against the model card
-        self.input_name = self.sess.get_inputs()[0].name
+        self.model = predictor.load(model_path, runtime=runtime, threads=1)  # sha256 checked against the model card
         self.model_name, self.top_k = model_name, top_k
         self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
 
@@ -154,8 +154,8 @@ class Classifier:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def infer(self, xs: list[np.ndarray]) -> list[np.ndarray]:
-        """One ``session.run`` for every input queued (up to 16, waiting at most 5 ms for more)."""
-        return list(self.sess.run(None, {self.input_name: np.concatenate(xs)})[0])
+        """One model call for every input queued (up to 16, waiting at most 5 ms for more)."""
+        return list(self.model.run(np.concatenate(xs)))
 
 
 def deployment(*, num_replicas: int | None = 1, autoscaling: dict[str, Any] | None = None,
@@ -193,10 +193,10 @@ def http_options(port: int, host: str = "127.0.0.1", keep_alive_s: int = KEEP_AL
 def build_app(args: dict[str, Any]):
     """The application builder for a Serve config file (``import_path: deploylab.serving.ray_serve:build_app``).
 
-    ``args``: ``model`` (the ONNX file with its card), optional ``key_file``; the key otherwise comes
+    ``args``: ``model`` (the ``.onnx`` or ``.pte`` file with its card), optional ``key_file`` and ``runtime``; the key otherwise comes
     from :data:`KEY_ENV`. Replica counts and autoscaling come from the config file's deployment options.
     """
-    return deployment(num_replicas=None).bind(str(args["model"]), args.get("key_file"))
+    return deployment(num_replicas=None).bind(str(args["model"]), args.get("key_file"), runtime=args.get("runtime"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,12 +224,15 @@ class ReplicaFault:
 class RayServeServer:
     """A :class:`RayCluster` with the :class:`Classifier` application behind Serve's proxy on 127.0.0.1."""
 
-    def __init__(self, model_path: str | os.PathLike, *, nodes: int = 1, num_replicas: int = 1,
+    def __init__(self, model_path: str | os.PathLike, *, runtime: str | None = None, nodes: int = 1, num_replicas: int = 1,
                  autoscaling: dict[str, Any] | None = None, max_replicas_per_node: int | None = None,
                  workdir: str | os.PathLike | None = None, start_timeout_s: float = 180.0, keep_alive_s: int = KEEP_ALIVE_S):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"no model file {self.model_path}")
+        from .predictor import runtime_for
+
+        self.runtime = runtime_for(self.model_path, runtime)  # a wrong runtime: a ValueError before the cluster starts
         self.cluster = RayCluster(nodes, start_timeout_s=start_timeout_s)
         self.num_replicas, self.autoscaling, self.max_replicas_per_node = num_replicas, autoscaling, max_replicas_per_node
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="deploylab-ray-"))
@@ -286,7 +289,7 @@ class RayServeServer:
         :func:`deployment`'s others (``max_queued_requests``, ``router_backoff``, ...) for this deployment.
         """
         app = deployment(num_replicas=num_replicas, autoscaling=autoscaling, max_replicas_per_node=max_replicas_per_node,
-                         **options).bind(str(self.model_path), str(self.key_file))
+                         **options).bind(str(self.model_path), str(self.key_file), runtime=self.runtime)
         t0 = time.perf_counter()
         serve.run(app, name=APP_NAME, route_prefix="/", logging_config=SERVE_LOGGING)
         want = autoscaling["min_replicas"] if autoscaling else num_replicas

@@ -8,7 +8,9 @@ this module gives the function in that shape and measures what can be measured o
   "headers": {"content-type": ...}}``), a base64 PNG/JPEG or a JSON pixel array; returns
   ``{"statusCode", "headers", "body"}``. The model is loaded once per process, on the first call
   (a warm instance reuses it), from the file named by the ``DEPLOYLAB_MODEL`` environment variable
-  (a function's configuration) or :func:`configure`. Decoding and validation are
+  (a function's configuration) or :func:`configure`, run by the runtime ``DEPLOYLAB_RUNTIME`` names
+  (``onnxruntime`` or ``executorch``; unset: from the file's suffix), through
+  :func:`deploylab.serving.predictor.load`. Decoding and validation are
   :mod:`deploylab.serving.protocol` -- the same code as the TorchServe handler and the custom server;
   a malformed event gets a 4xx answer, never an exception (a function host would make that a 5xx).
 - :func:`cold_start` -- starts a fresh Python process per repetition and times its phases: interpreter
@@ -32,19 +34,23 @@ from typing import Any
 
 import numpy as np
 
-from .. import config, export
-from . import protocol
+from .. import config
+from . import predictor, protocol
 from .protocol import BadRequest
 
-MODEL_ENV = "DEPLOYLAB_MODEL"  # path of the ONNX file (its .card.json next to it)
-THREADS_ENV = "DEPLOYLAB_THREADS"  # ONNX Runtime intra-op threads (default 2: the function's cores)
+MODEL_ENV = "DEPLOYLAB_MODEL"  # path of the .onnx or .pte file (its .card.json next to it)
+RUNTIME_ENV = "DEPLOYLAB_RUNTIME"  # onnxruntime or executorch (unset: from the file's suffix)
+THREADS_ENV = "DEPLOYLAB_THREADS"  # the runtime's intra-op threads (default 2: the function's cores)
 TOP_K = 3
 
-_STATE: dict[str, Any] = {}  # per process: the session, its card and input name (a warm instance keeps them)
+_STATE: dict[str, Any] = {}  # per process: the loaded model (a warm instance keeps it)
 
 
-def configure(model_path: str | os.PathLike | None, threads: int | None = None) -> None:
-    """Point the function at a model (as setting the function's environment would) and forget a loaded one."""
+def configure(model_path: str | os.PathLike | None, threads: int | None = None, runtime: str | None = None) -> None:
+    """Point the function at a model (as setting the function's environment would) and forget a loaded one.
+
+    ``runtime``: ``onnxruntime`` or ``executorch`` (None: unset, the file's suffix decides).
+    """
     _STATE.clear()
     if model_path is None:
         os.environ.pop(MODEL_ENV, None)
@@ -52,19 +58,27 @@ def configure(model_path: str | os.PathLike | None, threads: int | None = None) 
         os.environ[MODEL_ENV] = str(model_path)
     if threads is not None:
         os.environ[THREADS_ENV] = str(int(threads))
+    if runtime is None:
+        os.environ.pop(RUNTIME_ENV, None)
+    else:
+        if model_path is not None:
+            predictor.runtime_for(model_path, runtime)  # a runtime that cannot run the file: a ValueError now, not at the first event
+        elif runtime not in predictor.RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(predictor.RUNTIMES)}")
+        os.environ[RUNTIME_ENV] = runtime
 
 
-def model() -> tuple[Any, str]:
-    """The ONNX Runtime session and its input name, loaded (and its card checked) on the first call."""
-    if "session" not in _STATE:
+def model() -> predictor.Predictor:
+    """The loaded model (:class:`~deploylab.serving.predictor.Predictor`), loaded and its card checked on the first call."""
+    if "model" not in _STATE:
         path = os.environ.get(MODEL_ENV)
         if not path:
             raise RuntimeError(f"the function has no model: set {MODEL_ENV}=/path/to/student_fp32.onnx "
                                "(its .card.json next to it) or call serverless.configure(path)")
         threads = int(os.environ.get(THREADS_ENV, config.BENCH_THREADS))
-        sess, card = export.load_exported(path, threads=threads)  # sha256 checked against the card
-        _STATE.update(session=sess, card=card, input_name=sess.get_inputs()[0].name)
-    return _STATE["session"], _STATE["input_name"]
+        runtime = os.environ.get(RUNTIME_ENV) or None
+        _STATE["model"] = predictor.load(path, runtime=runtime, threads=threads)  # sha256 checked against the card
+    return _STATE["model"]
 
 
 def _response(status: int, body: str) -> dict[str, Any]:
@@ -107,8 +121,7 @@ def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     except Exception as e:  # the boundary: a malformed event is the caller's 4xx, never a raise
         bad = protocol.refusal(e)
         return _response(bad.code, bad.body())
-    sess, name = model()
-    logits = sess.run(None, {name: x})[0]
+    logits = model().run(x)
     return _response(200, json.dumps(protocol.top_k(logits, TOP_K)[0]))
 
 
@@ -145,7 +158,10 @@ _CHILD = r"""
 import json, sys, time
 t_start = time.time()
 from deploylab.serving import serverless    # the function's module: deploylab, torch, numpy, PIL
-import onnxruntime                          # imported lazily by the first call otherwise: count it here
+import importlib, os
+from deploylab.serving import predictor     # the runtime is imported lazily by the first call otherwise: count it here
+runtime = predictor.runtime_for(os.environ["DEPLOYLAB_MODEL"], os.environ.get("DEPLOYLAB_RUNTIME") or None)
+importlib.import_module(predictor.MODULES[runtime])
 t_imported = time.time()
 serverless.model()                          # read the file, check its sha256, build the session
 t_loaded = time.time()
@@ -231,7 +247,7 @@ def tree_bytes(folder: str | os.PathLike) -> int:
 
 
 def cold_start(model_path: str | os.PathLike, event: dict[str, Any], *, repeats: int = 5, threads: int = config.BENCH_THREADS,
-               timeout_s: float = 120.0) -> ColdStart:
+               timeout_s: float = 120.0, runtime: str | None = None) -> ColdStart:
     """Run the function ``repeats`` times, each in a NEW Python process, and time its phases.
 
     Times are wall-clock (``time.time()``) taken in the parent just before ``Popen`` and in the child
@@ -240,7 +256,7 @@ def cold_start(model_path: str | os.PathLike, event: dict[str, Any], *, repeats:
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     out = ColdStart()
-    env = {**os.environ, MODEL_ENV: str(model_path), THREADS_ENV: str(threads),
+    env = {**os.environ, MODEL_ENV: str(model_path), THREADS_ENV: str(threads), RUNTIME_ENV: runtime or "",
            "OMP_NUM_THREADS": str(threads), "PYTHONDONTWRITEBYTECODE": "1"}
     with tempfile.TemporaryDirectory(prefix="deploylab-cold-") as tmp:
         event_file = Path(tmp) / "event.json"

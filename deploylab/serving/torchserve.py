@@ -124,6 +124,9 @@ def index_to_name() -> dict[str, str]:
 
 
 
+BACKENDS = ("onnx", "executorch", "pytorch")  # the handler's: an ONNX file, an ExecuTorch .pte program, a checkpoint
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What goes into the archive's model-config.yaml (TorchServe reads the top-level keys;
@@ -143,8 +146,8 @@ class ModelConfig:
     def to_yaml_dict(self) -> dict[str, Any]:
         if self.batch_size < 1 or self.min_workers < 1 or self.max_workers < self.min_workers:
             raise ValueError(f"invalid model config {self}: batch_size >= 1 and 1 <= min_workers <= max_workers")
-        if self.backend not in ("onnx", "pytorch"):
-            raise ValueError(f"backend must be 'onnx' or 'pytorch', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         return {
             "minWorkers": self.min_workers,
             "maxWorkers": self.max_workers,
@@ -167,14 +170,15 @@ def build_archive(
 ) -> Path:
     """Run ``torch-model-archiver`` and put ``<store>/<name>.mar`` in place (atomically).
 
-    ``model_file`` is the ONNX file (its ``.card.json`` travels with it) or, for
+    ``model_file`` is the ONNX file or, for ``cfg.backend == 'executorch'``, the ``.pte`` program
+    (its ``.card.json`` travels with either) or, for
     ``cfg.backend == 'pytorch'``, a checkpoint ``.pt`` (its ``.json`` metadata travels with it).
     Returns the archive's path.
     """
     model_file = Path(model_file)
     if not model_file.is_file():
         raise FileNotFoundError(f"no model file {model_file}")
-    companion = model_file.with_suffix(".card.json") if cfg.backend == "onnx" else model_file.with_suffix(".json")
+    companion = model_file.with_suffix(".json" if cfg.backend == "pytorch" else ".card.json")
     if not companion.is_file():
         raise ServeError(f"{model_file.name} has no {companion.name} next to it: the archive ships the model's card")
     store = Path(store)
