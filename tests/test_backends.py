@@ -60,9 +60,15 @@ def test_the_delegation_check_catches_portable_fallbacks(student, images):
 
 
 def test_aotinductor_package_answers_in_a_fresh_process(student, images, tmp_path):
-    """The .pt2 loads where the model's class was never imported and matches eager PyTorch."""
+    """The .pt2 loads where the model's class was never imported and matches eager PyTorch.
+
+    The student's first blocks (torchvision's MobileNetV2 classes, convolutions, batch norms, ReLU6):
+    the load is what is tested here; the whole student's package is built and loaded the same way by
+    lesson 04b's smoke run, which ``make test`` also executes (compiling it twice cost ~25 s).
+    """
     from deploylab.backends import inductor
 
+    student = student.features[:4]
     static = torch.export.export(student, (images,))  # the lesson's packages are static: one per batch size
     path, seconds = inductor.package(static, tmp_path / "student.pt2")
     assert path.is_file() and seconds > 0 and not list(tmp_path.glob(".*partial*"))
