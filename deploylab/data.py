@@ -240,6 +240,40 @@ def tensors(split: str, limit: int | None = None, seed: int = SPLIT_SEED) -> tup
     return preprocess(images), torch.from_numpy(labels)
 
 
+@lru_cache(maxsize=1)
+def _test_fingerprints() -> frozenset[bytes]:
+    """A 16-byte digest of every preprocessed test image: what :func:`refuse_test_images` looks images up in."""
+    x, _ = tensors("test")
+    return frozenset(_digest(row) for row in x)
+
+
+def _digest(image: torch.Tensor) -> bytes:
+    """A short digest of one preprocessed image's bytes (the same image always gives the same bytes)."""
+    return hashlib.blake2b(image.detach().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+class TestImagesError(ValueError):
+    """A choice (layers, ratios, a variant) was about to be made on test images."""
+
+
+def refuse_test_images(x: torch.Tensor, what: str, *, checked: int = 256) -> None:
+    """Raise :class:`TestImagesError` when ``x`` holds test images (up to ``checked`` of them, spread over ``x``).
+
+    Why: a choice made on the test set makes the final test figure optimistic (it was picked to look
+    good on those very images). Choices use the validation split (``tensors("val")``); the test set
+    scores the final choice once. A few images may be shared by chance (Fashion-MNIST has a handful of
+    near-duplicates), so the check refuses only when more than a tenth of the sample are test images.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or len(x) == 0:
+        raise ValueError(f"{what}: expected a (N, C, H, W) batch of preprocessed images")
+    idx = torch.linspace(0, len(x) - 1, min(checked, len(x))).round().long().unique()
+    known = _test_fingerprints()
+    hits = sum(_digest(x[i]) in known for i in idx.tolist())
+    if hits > 0.1 * len(idx):
+        raise TestImagesError(f"{what}: {hits} of {len(idx)} images checked are test images. Make choices on the "
+                              f"validation images (data.tensors('val')); the test set scores the final choice once.")
+
+
 def calibration_set(n: int, seed: int = 1) -> torch.Tensor:
     """``n`` preprocessed training images for calibrating quantized models (never test images)."""
     if n <= 0:

@@ -19,10 +19,14 @@ imported inside the two functions that need them, never at the top.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,7 @@ from torch import nn
 
 from . import artefacts, config, data
 from .config import Profile
-from .files import atomic_path, atomic_write_json
+from .files import atomic_path, atomic_write_json, shown
 from .onnxrt import INPUT_NAME, run, session
 
 OUTPUT_NAME = "logits"
@@ -121,6 +125,28 @@ def opset_of(path: str | os.PathLike) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
+PROGRESS_PREFIX = "[torch.onnx]"  # how torch.onnx's dynamo exporter starts each progress line
+
+
+@contextlib.contextmanager
+def exporter_quiet() -> Iterator[None]:
+    """Drop torch.onnx's progress lines from stdout during the block; every other line still prints.
+
+    Why: the dynamo exporter ``print()``s about eight lines per model ("[torch.onnx] Run
+    decompositions... ✅") unless every call passes ``verbose=False`` -- noise in a lesson's committed
+    outputs. Warnings (``warnings.warn``, on stderr) and exceptions pass untouched; a failed step's
+    line (marked ❌) is kept, since it says where the export stopped.
+    """
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        kept = [line for line in buf.getvalue().splitlines(keepends=True)
+                if not line.startswith(PROGRESS_PREFIX) or "❌" in line]
+        sys.stdout.write("".join(kept))
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -148,13 +174,13 @@ def export_onnx(
     opset = opset or (DYNAMO_OPSET if dynamo else LEGACY_OPSET)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, exporter_quiet():
         if dynamo:
             torch.onnx.export(
                 model, (x,), str(tmp), dynamo=True, opset_version=opset,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_shapes=({0: torch.export.Dim("batch")},),  # one entry per positional argument
-                external_data=False,
+                external_data=False, verbose=False,  # no progress lines (exporter_quiet catches any left)
             )
         else:
             torch.onnx.export(
@@ -238,7 +264,7 @@ def check_model(path: str | os.PathLike) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportError(f"{path} is not a valid ONNX model: {e}") from e
+        raise ExportError(f"{shown(path)} is not a valid ONNX model: {e}") from e
 
 
 def parity(
@@ -404,7 +430,7 @@ def load_exported(
     """
     path = Path(onnx_path)
     if not path.is_file():
-        raise ExportError(f"no exported model at {path}: run notebooks/04_onnx_export.ipynb first")
+        raise ExportError(f"no exported model at {shown(path)}: run notebooks/04_onnx_export.ipynb first")
     card = read_card(path)
     p = None if profile is None else config.get_profile(profile)
     problems = artefacts.problems(path, card, profile=None if p is None else p.name, kind="onnx")
@@ -418,10 +444,10 @@ def load_exported(
             if current is not None and current.get("sha256") != src["sha256"]:
                 problems.append(f"the checkpoint it was exported from, {src['file']}, has been replaced since (retrained?)")
     if problems:
-        raise ExportError(f"refusing {path}: " + "; ".join(problems) + ". Re-export it (notebooks/04_onnx_export.ipynb).")
+        raise ExportError(f"refusing {shown(path)}: " + "; ".join(problems) + ". Re-export it (notebooks/04_onnx_export.ipynb).")
     sess = session(path, threads=threads, optimization=optimization)
     if [i.name for i in sess.get_inputs()] != [i["name"] for i in card["inputs"]]:
-        raise ExportError(f"refusing {path}: its inputs do not match the card's {card['inputs']}")
+        raise ExportError(f"refusing {shown(path)}: its inputs do not match the card's {card['inputs']}")
     return sess, card
 
 

@@ -15,6 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# The repository (config.ROOT): files imports nothing of the package, so that every module, the servers' too, can use it
+_ROOT = Path(__file__).resolve().parent.parent
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in chunks (checkpoints can be hundreds of MB)."""
@@ -55,3 +58,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
     return atomic_write_bytes(path, text.encode())
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as a lesson prints it: relative to the repository when inside it, else the file's name alone.
+
+    Why: notebook outputs are committed and read on other machines; an absolute path (a temporary
+    folder, a home directory) says nothing to the reader, changes on every run and shows the machine.
+    """
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(_ROOT))
+    except ValueError:
+        return p.name

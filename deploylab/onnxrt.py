@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 
 from . import config
+from .files import shown
 
 INPUT_NAME = "input"  # the input of every model deploylab.export writes
 
@@ -53,7 +54,7 @@ def session(
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no ONNX file at {path}; export it first (export.export_onnx)")
+        raise FileNotFoundError(f"no ONNX file at {shown(path)}; export it first (export.export_onnx)")
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1

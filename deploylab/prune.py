@@ -27,7 +27,7 @@ import gzip
 import io
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import artefacts, bench, distill, models
+from . import artefacts, bench, data, distill, models, stats
 from .config import Profile
-from .train import Recipe, fit
+from .files import shown
+from .train import Recipe, fit, predict
 
 LESSON = "pruning"
 PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -67,7 +68,7 @@ class PruneSizes:
     iterative_steps: int  # prune a little, fine-tune, prune again...
     sensitivity_layers: int  # layers of the student scanned one at a time
     sensitivity_ratios: tuple[float, ...]
-    sensitivity_images: int  # test images per point of the scan
+    sensitivity_images: int  # validation images per point of the scan (never test images)
     finetune_lr: float = 0.01  # peak learning rate of a short fine-tune (the student trained at 0.05)
     student_finetune_lr: float = 0.02  # the longer distillation fine-tune of a channel-pruned student
 
@@ -406,35 +407,79 @@ def prune_layer_channels(model: nn.Module, layer: str, ratio: float, example: to
 
 
 def sensitivity_scan(model: nn.Module, layers: Iterable[str], ratios: Iterable[float], example: torch.Tensor,
-                     score: Callable[[nn.Module], float]) -> dict[str, dict[float, float]]:
-    """Accuracy (``score(model)``) when each layer alone is channel-pruned at each ratio (no fine-tune)."""
-    out: dict[str, dict[float, float]] = {}
+                     x_val: torch.Tensor, y_val: torch.Tensor, *, resamples: int = 1000) -> dict[str, dict[float, stats.Score]]:
+    """Each layer alone channel-pruned at each ratio (no fine-tune), scored against the unpruned model on validation images.
+
+    Every point is a :class:`deploylab.stats.Score`: the pruned copy's accuracy and its paired difference
+    with ``model`` on the same images (a bootstrap interval), so that :func:`ratios_from_scan` can tell a
+    real loss from a few images. The scan chooses ratios: test images are refused.
+    """
+    data.refuse_test_images(x_val, "sensitivity_scan chooses pruning ratios")
+    with torch.inference_mode():
+        reference = predict(copy.deepcopy(model).eval(), x_val)
+    out: dict[str, dict[float, stats.Score]] = {}
     for layer in layers:
         out[layer] = {}
         for r in ratios:
             m = copy.deepcopy(model).eval()
             prune_layer_channels(m, layer, r, example)
-            out[layer][r] = score(m)
+            with torch.inference_mode():
+                out[layer][r] = stats.score(predict(m, x_val), y_val, reference, resamples=resamples)
     return out
 
 
-def ratios_from_scan(scan: Mapping[str, Mapping[float, float]], baseline: float, max_drop: float) -> dict[str, float]:
-    """Per layer, the largest scanned ratio whose accuracy stays within ``max_drop`` of ``baseline`` (0 if none)."""
-    if max_drop < 0:
-        raise ValueError(f"max_drop is an accuracy loss >= 0, got {max_drop}")
-    return {layer: max([r for r, acc in per.items() if baseline - acc <= max_drop], default=0.0) for layer, per in scan.items()}
+def ratios_from_scan(scan: Mapping[str, Mapping[float, stats.Score]], max_drop_points: float) -> dict[str, float]:
+    """Per layer, the largest scanned ratio whose loss is *surely* within ``max_drop_points`` (0 if none).
+
+    "Surely": the whole 95% paired interval of the difference stays above ``-max_drop_points``
+    (:func:`deploylab.stats.within_tolerance`). A loss whose interval reaches past the bound could be
+    larger than allowed, so the smaller change (the lower ratio) is kept.
+    """
+    if max_drop_points < 0:
+        raise ValueError(f"max_drop_points is an accuracy loss >= 0, got {max_drop_points}")
+    return {layer: max([r for r, s in per.items() if stats.within_tolerance(s, max_drop_points)], default=0.0)
+            for layer, per in scan.items()}
 
 
-def plot_sensitivity(scan: Mapping[str, Mapping[float, float]], baseline: float, title: str = ""):
-    """One line per layer: accuracy (%) against the fraction of its channels removed."""
+def validation_scores(candidates: Mapping[str, nn.Module], dense: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor,
+                      *, resamples: int = 2000) -> dict[str, stats.Score]:
+    """Each candidate's accuracy and paired difference with ``dense`` on the same validation images (test refused)."""
+    data.refuse_test_images(x_val, "validation_scores feeds the choice of the saved student")
+    with torch.inference_mode():
+        reference = predict(dense, x_val)
+        return {name: stats.score(predict(m, x_val), y_val, reference, resamples=resamples) for name, m in candidates.items()}
+
+
+def choose_saved(scores: Mapping[str, stats.Score], p50_ms: Mapping[str, float], tolerance_points: float = 1.0) -> tuple[str, str]:
+    """The student to save and the rule that picked it: ``(name, rule)``.
+
+    The fastest (``p50_ms``) among the candidates whose paired interval against the dense student on
+    validation images stays within ``tolerance_points`` (:func:`deploylab.stats.within_tolerance`);
+    if none is, the most accurate on validation images. Never on test images: the test set scores
+    the saved student once, afterwards.
+    """
+    if not scores:
+        raise ValueError("no candidates to choose from")
+    within = [n for n, s in scores.items() if stats.within_tolerance(s, tolerance_points)]
+    if within:
+        name = min(within, key=lambda n: p50_ms[n])
+        return name, (f"the fastest of those whose 95% interval against dense stays within {tolerance_points:g} point "
+                      f"on {scores[name].images:,} validation images ({', '.join(within)})")
+    name = max(scores, key=lambda n: scores[n].accuracy)
+    return name, (f"the most accurate on {scores[name].images:,} validation images: none surely stays within "
+                  f"{tolerance_points:g} point of dense")
+
+
+def plot_sensitivity(scan: Mapping[str, Mapping[float, stats.Score]], baseline: float, title: str = ""):
+    """One line per layer: validation accuracy (%) against the fraction of its channels removed."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for layer, per in scan.items():
         rs = sorted(per)
-        ax.plot([0.0, *rs], [100 * baseline, *(100 * per[r] for r in rs)], marker="o", label=layer)
+        ax.plot([0.0, *rs], [100 * baseline, *(100 * per[r].accuracy for r in rs)], marker="o", label=layer)
     ax.set_xlabel("fraction of the layer's output channels removed (no fine-tune)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title or "sensitivity of each layer to channel pruning", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
@@ -508,12 +553,12 @@ def load_pruned(folder: Path, name: str, *, profile: str) -> tuple[nn.Module, di
     meta = models.read_metadata(folder, name)
     fix = "rerun notebooks/02_pruning.ipynb to rebuild it"
     if meta is None or not pt.is_file():
-        raise models.CheckpointError(f"no complete pruned model {name!r} in {folder} (need {pt.name} and {js.name}); {fix}")
+        raise models.CheckpointError(f"no complete pruned model {name!r} in {shown(folder)} (need {pt.name} and {js.name}); {fix}")
     problems = artefacts.problems(pt, meta, profile=profile, kind=PRUNED_FORMAT)
     if "channel_config" not in meta:
         problems.append("its metadata has no channel_config")
     if problems:
-        raise models.CheckpointError(f"refusing pruned model {pt}: " + "; ".join(problems) + f". To fix: {fix}")
+        raise models.CheckpointError(f"refusing pruned model {shown(pt)}: " + "; ".join(problems) + f". To fix: {fix}")
     model = apply_channel_config(models.build(meta["arch"]), meta["channel_config"])
     model.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True))
     return model.eval(), meta

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import artefacts
+from . import artefacts, data, stats
 from .config import Profile
+from .files import shown
 from .train import accuracy, predict
 
 LESSON = "quantization"
@@ -57,7 +58,7 @@ class QuantSizes:
     teacher_qat_images: int  # the same for the teacher (ResNet50 trains slowly on 2 cores)
     qat_batch_size: int
     qat_lr: float  # SGD with momentum: ~1/100 of the learning rate the models were trained with
-    sensitivity_images: int  # test images per layer in the sensitivity scan
+    sensitivity_images: int  # validation images per layer in the sensitivity scan (never test images)
     sensitivity_layers: int | None  # layers scanned (evenly spaced; None: every conv/linear)
     keep_float: int  # most sensitive layers left in float in the mixed-precision variant
 
@@ -416,9 +417,11 @@ def layer_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, calibr
     PT2E quantizes it; symmetric, per channel or per tensor -- and of its input (per tensor, asymmetric
     uint8, 7 bits with ``reduce_range``, range from ``calibration`` images), while everything else stays
     fp32. Cheap (fp32 eager inference), and it ranks which layers lose the most when quantized.
+    ``x`` must be validation images: the ranking chooses the layers kept in float (test images refused).
     """
     from torch.fx.experimental.optimization import fuse
 
+    data.refuse_test_images(x, "layer_sensitivity ranks layers to keep in float")
     layers = layers or quantizable_layers(model)
     if len(calibration) == 0:
         raise ValueError("layer_sensitivity needs calibration images to find activation ranges")
@@ -450,6 +453,45 @@ def layer_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, calibr
         h.remove()
         m.weight.data = original
     return out
+
+
+def most_sensitive(sensitivity: dict[str, float], k: int) -> list[str]:
+    """The ``k`` layers of a :func:`layer_sensitivity` scan with the lowest accuracy (the most sensitive first)."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return sorted(sensitivity, key=sensitivity.get)[:k]
+
+
+@dataclass(frozen=True)
+class FloatChoice:
+    """Which layers stay in float: the candidates, those kept, and the paired comparison that decided."""
+
+    candidates: tuple[str, ...]  # the most sensitive layers of the scan (on validation images)
+    kept: tuple[str, ...]  # the candidates if they win beyond noise, else none (all INT8: the simpler model)
+    comparison: stats.Score  # the mixed model against all-INT8, paired, on validation images
+
+    def sentence(self) -> str:
+        """The choice and why, for a generated sentence."""
+        diff = self.comparison.difference()
+        if self.kept:
+            return f"keep {len(self.kept)} layer(s) in float: mixed against all-INT8 on validation images {diff}"
+        return (f"keep none in float: mixed against all-INT8 on validation images {diff}, so the simpler all-INT8 "
+                "model stays")
+
+
+def choose_keep_float(all_int8: Any, mixed: Any, candidates: list[str], x_val: torch.Tensor, y_val: torch.Tensor, *,
+                      resamples: int = 2000) -> FloatChoice:
+    """Keep ``candidates`` in float only if the ``mixed`` model beats ``all_int8`` beyond noise on validation images.
+
+    Both models are scored on the same validation images and compared image by image
+    (:func:`deploylab.stats.score`, paired bootstrap); a gain whose 95% interval includes 0 could be a
+    handful of images, so the simpler model (no float layers, one kind of kernel) is kept. Test images
+    are refused: the test set scores the final choice once.
+    """
+    data.refuse_test_images(x_val, "choose_keep_float")
+    comparison = stats.score(predict_fixed(mixed, x_val), y_val, predict_fixed(all_int8, x_val), resamples=resamples)
+    kept = tuple(candidates) if stats.better_beyond_noise(comparison) else ()
+    return FloatChoice(tuple(candidates), kept, comparison)
 
 
 def evenly_spaced(items: list[str], k: int | None) -> list[str]:
@@ -517,9 +559,9 @@ def load_program(folder: Path, name: str, *, profile: str) -> tuple[nn.Module, d
     pt2, js = folder / f"{name}.pt2", folder / f"{name}.json"
     fix = "delete both files and re-run the quantization notebook (01_quantization) in this profile"
     if not js.is_file() or not pt2.is_file():
-        raise QuantizationError(f"no complete quantized program {pt2} + {js}; {fix}")
+        raise QuantizationError(f"no complete quantized program {shown(pt2)} + {shown(js)}; {fix}")
     meta = json.loads(js.read_text())
     problems = artefacts.problems(pt2, meta, profile=profile)
     if problems:
-        raise QuantizationError(f"refusing {pt2}: " + "; ".join(problems) + f". To fix: {fix}")
+        raise QuantizationError(f"refusing {shown(pt2)}: " + "; ".join(problems) + f". To fix: {fix}")
     return torch.export.load(pt2).module(), meta

@@ -7,6 +7,7 @@ test images, so they take seconds; the lesson exports the real teacher and stude
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -53,6 +54,21 @@ def test_external_data_is_detected(tmp_path, images):
     # torch.onnx.export's own default (dynamo, external_data=True) writes the weights beside the graph
     torch.onnx.export(tiny_net(), (images[0][:2],), tmp_path / "split.onnx", dynamo=True)
     assert export.external_data_files(tmp_path / "split.onnx") == ("split.onnx.data",)
+
+
+def test_export_prints_no_progress_lines(tmp_path, images, capsys):
+    export.export_onnx(tiny_net(), tmp_path / "quiet.onnx", example=images[0][:2])
+    out = capsys.readouterr().out
+    assert export.PROGRESS_PREFIX not in out, out
+
+
+def test_exporter_quiet_drops_only_progress_lines(capsys):
+    with pytest.warns(UserWarning, match="a real warning"), export.exporter_quiet():
+        print("[torch.onnx] Run decompositions... ✅")
+        print("a line of the caller's")
+        print("[torch.onnx] Translate the graph into ONNX... ❌")
+        warnings.warn("a real warning", UserWarning, stacklevel=1)
+    assert capsys.readouterr().out == "a line of the caller's\n[torch.onnx] Translate the graph into ONNX... ❌\n"
 
 
 def test_legacy_export_is_opset_13(tmp_path, images):
@@ -184,8 +200,9 @@ def test_card_roundtrip_and_sha_mismatch_is_refused(exported, images, tmp_path):
     raw = bytearray(path.read_bytes())
     raw[-10] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(export.ExportError, match="sha256"):
+    with pytest.raises(export.ExportError, match="sha256") as refused:
         export.load_exported(path)
+    assert "tiny_fp32.onnx" in str(refused.value) and str(tmp_path) not in str(refused.value), "no machine path in the message"
     export.card_path(path).unlink()
     with pytest.raises(export.ExportError, match="no model card"):
         export.load_exported(path)

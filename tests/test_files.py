@@ -1,6 +1,7 @@
 import pytest
 
-from deploylab.files import atomic_path, atomic_write_json, sha256_file
+from deploylab import config
+from deploylab.files import atomic_path, atomic_write_json, sha256_file, shown
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
@@ -21,3 +22,8 @@ def test_atomic_json_and_hash(tmp_path):
     import hashlib
 
     assert sha256_file(p) == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_shown_paths_are_relative_to_the_repo_or_a_name(tmp_path):
+    assert shown(config.ROOT / "models" / "workshop" / "student.pt") == "models/workshop/student.pt"
+    assert shown(tmp_path / "scratch" / "student_fp32.onnx") == "student_fp32.onnx"

@@ -156,7 +156,7 @@ def test_macs_count_conv_and_linear():
 
 
 def test_sensitivity_runs_on_real_images_and_ranks_layers():
-    x, y = data.tensors("test", 64)
+    x, y = data.tensors("val", 64)
     model = small_cnn()
     out = quantize.layer_sensitivity(model, x, y, data.calibration_set(16))
     assert set(out) == {"0", "5"} and all(0.0 <= a <= 1.0 for a in out.values())
@@ -164,6 +164,43 @@ def test_sensitivity_runs_on_real_images_and_ranks_layers():
     assert set(per_tensor) == {"0", "5"}
     with pytest.raises(ValueError):
         quantize.layer_sensitivity(model, x, y, data.calibration_set(16), ["nope"])
+
+
+def test_sensitivity_refuses_test_images():
+    x, y = data.tensors("test", 64)
+    with pytest.raises(data.TestImagesError):
+        quantize.layer_sensitivity(small_cnn(), x, y, data.calibration_set(16))
+
+
+def test_most_sensitive_are_the_lowest_accuracies():
+    scan = {"a": 0.90, "b": 0.80, "c": 0.88, "d": 0.91}
+    assert quantize.most_sensitive(scan, 2) == ["b", "c"]
+    assert quantize.most_sensitive(scan, 0) == []
+
+
+def _oracle(x_val: torch.Tensor, y_val: torch.Tensor, wrong: int):
+    """A "model" that looks each image up in x_val and answers its label, wrong on the first ``wrong`` images."""
+    answers = y_val.clone()
+    answers[:wrong] = (answers[:wrong] + 1) % 10
+
+    def fn(xb: torch.Tensor) -> torch.Tensor:
+        idx = torch.cdist(xb.flatten(1), x_val.flatten(1)).argmin(1)
+        return torch.nn.functional.one_hot(answers[idx], 10).float()
+
+    return fn
+
+
+def test_float_layers_are_kept_only_when_they_win_beyond_noise():
+    x_val, y_val = data.tensors("val", 400)
+    all_int8 = _oracle(x_val, y_val, wrong=100)
+    clear = quantize.choose_keep_float(all_int8, _oracle(x_val, y_val, wrong=0), ["a", "b"], x_val, y_val, resamples=300)
+    assert clear.kept == ("a", "b") and clear.comparison.delta_points == pytest.approx(25.0)
+    noise = quantize.choose_keep_float(all_int8, _oracle(x_val, y_val, wrong=98), ["a", "b"], x_val, y_val, resamples=300)
+    assert noise.kept == () and noise.candidates == ("a", "b"), "2 images in 400 are noise: the simpler model stays"
+    assert "within noise" in noise.sentence() and "keep none" in noise.sentence()
+    x_test, y_test = data.tensors("test", 400)
+    with pytest.raises(data.TestImagesError):
+        quantize.choose_keep_float(all_int8, all_int8, ["a"], x_test, y_test)
 
 
 def test_static_ptq_save_load_and_refuse_tampering(tmp_path):

@@ -1,8 +1,8 @@
 """Scoring the runtimes and choosing one by measurement (lesson 04b).
 
-- :func:`score` -- accuracy on the test images with a 95% interval (Wilson), and the paired
-  comparison with the fp32 student on the *same* images: top-1 agreement and the accuracy
-  difference with a paired-bootstrap interval (each resample draws images, not two independent sets);
+- :func:`score` (from :mod:`deploylab.stats`, shared with lessons 01-02) -- accuracy on the test images with a
+  95% interval (Wilson), and the paired comparison with the fp32 student on the *same* images: top-1 agreement
+  and the accuracy difference with a paired-bootstrap interval (each resample draws images, not two independent sets);
 - :func:`conv_flops` -- where the student's FLOPs are (depthwise, pointwise, dense convolutions, linear);
 - :func:`choose` -- the fastest variant whose paired interval stays within a tolerance of the fp32
   student, checked against ONNX Runtime fp32 and the matmul floor: a target counts as met only when
@@ -11,67 +11,18 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from ..stats import Score, score, wilson, within_tolerance
 from ..tables import target_line
 from .harness import Timing, floor_ms
 
-Z95 = 1.959964  # two-sided 95% normal quantile
-
-
-@dataclass(frozen=True)
-class Score:
-    """Accuracy of one variant and its paired comparison with the reference (fp32 student) on the same images."""
-
-    images: int
-    accuracy: float
-    interval: tuple[float, float]  # 95% Wilson interval of the accuracy
-    agreement: float  # top-1 agreement with the reference
-    delta_points: float  # accuracy - reference accuracy, in points
-    delta_interval: tuple[float, float]  # paired-bootstrap 95% interval of delta_points
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def wilson(correct: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion ``correct / n`` (sound near 0 and 1, unlike the normal one)."""
-    if n <= 0:
-        raise ValueError("an interval needs at least one image")
-    p, z2 = correct / n, Z95**2
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def score(logits: torch.Tensor | np.ndarray, labels: torch.Tensor, reference: torch.Tensor | np.ndarray, *,
-          resamples: int = 2000, seed: int = 0) -> Score:
-    """Accuracy, its interval, agreement and the paired difference against ``reference`` logits.
-
-    The difference is bootstrapped over images: each resample draws n images with replacement and
-    takes both models' accuracy on the same draw, so the interval shrinks with their agreement
-    (two variants that disagree on 10 of 10,000 images cannot differ by more than 0.1 point).
-    """
-    pred = torch.as_tensor(np.asarray(logits)).argmax(1).numpy()
-    ref = torch.as_tensor(np.asarray(reference)).argmax(1).numpy()
-    y = np.asarray(labels)
-    if not len(pred) == len(ref) == len(y) or len(y) == 0:
-        raise ValueError(f"need as many predictions as labels: {len(pred)}, {len(ref)}, {len(y)}")
-    hit, ref_hit = (pred == y).astype(np.int8), (ref == y).astype(np.int8)
-    diff = hit - ref_hit
-    rng = np.random.default_rng(seed)
-    boot = np.array([diff[rng.integers(0, len(y), len(y))].mean() for _ in range(resamples)]) * 100
-    lo, hi = np.percentile(boot, [2.5, 97.5]) if resamples else (float(diff.mean() * 100),) * 2
-    return Score(images=len(y), accuracy=float(hit.mean()), interval=wilson(int(hit.sum()), len(y)),
-                 agreement=float((pred == ref).mean()), delta_points=float(diff.mean() * 100),
-                 delta_interval=(float(lo), float(hi)))
+__all__ = ["Choice", "Score", "choose", "conv_flops", "gemm_depth", "score", "wilson"]  # Score, score, wilson: re-exported
 
 
 def conv_flops(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
@@ -166,7 +117,7 @@ def choose(scores: Mapping[str, Score], timings: Mapping[str, Mapping[int, Timin
     slowest round) is checked against ``speedup_targets``; the best fp32 variant at batch 32 against
     ``floor_target`` of the matmul rate. Each target is met only if its worst round clears it.
     """
-    eligible = [n for n, s in scores.items() if s.delta_interval[0] >= -tolerance_points and n in timings]
+    eligible = [n for n, s in scores.items() if within_tolerance(s, tolerance_points) and n in timings]
     if baseline not in eligible:
         raise ValueError(f"the baseline {baseline!r} must itself be eligible (scored and timed)")
     chosen = min(eligible, key=lambda n: timings[n][32].stats.p50_ms)

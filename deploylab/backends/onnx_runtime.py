@@ -20,7 +20,7 @@ INSTALL = ("onnxruntime",)  # what a server needs for an .onnx file (onnx itself
 
 def export_program(program: torch.export.ExportedProgram, path: Path) -> Path:
     """``torch.onnx.export`` of an ``ExportedProgram`` (its dynamic batch kept) to one self-contained file."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, export.exporter_quiet():  # its progress lines are noise in the lesson's outputs
         torch.onnx.export(program, None, str(tmp), dynamo=True, opset_version=export.DYNAMO_OPSET,
                           input_names=[onnxrt.INPUT_NAME], output_names=[export.OUTPUT_NAME], external_data=False,
                           verbose=False)

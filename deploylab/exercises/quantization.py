@@ -70,7 +70,7 @@ def wrong_answers(answers: dict[str, Any], sensitivity: dict[str, float], base_a
 
 
 def example_inputs() -> dict[str, Any]:
-    """A real scan, small: the shipped student, 256 test images, four layers, per-tensor weights (a few seconds).
+    """A real scan, small: the shipped student, 256 validation images (a scan chooses), four layers, per-tensor weights.
 
     With per-tensor weights the student's first depthwise convolution (``features.1.conv.0.0``) loses
     several points on its own while the others lose about nothing: a clear answer, and near misses.
@@ -79,7 +79,7 @@ def example_inputs() -> dict[str, Any]:
     from ..train import accuracy, predict
 
     student = assets.student(config.get_profile("workshop"))  # the shipped model, whatever the profile
-    x, y = data.tensors("test", 256)
+    x, y = data.tensors("val", 256)
     layers = ["features.1.conv.0.0", "features.2.conv.0.0", "features.5.conv.0.0", "features.13.conv.1.0"]
     sensitivity = quantize.layer_sensitivity(student.model, x, y, data.calibration_set(64), layers, per_channel=False)
     return {"sensitivity": sensitivity, "base_accuracy": accuracy(predict(student.model, x), y)}
