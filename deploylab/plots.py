@@ -27,23 +27,29 @@ def image_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 8) -> Fi
     return fig
 
 
+MARKERS = "osD^vPX*h<>p"  # a new marker for each group of ten points (the colour cycle has ten colours)
+
+
 def accuracy_vs_latency(records: list[dict[str, Any]], batch_size: int = 1, title: str | None = None,
                         mark_pareto: bool = False) -> Figure:
     """Scatter of accuracy (%) against p50 latency (ms, log scale) at ``batch_size``, one point per record.
 
+    Each point carries a number, and the legend beside the plot names it (variant and runtime): a
+    dozen variants, several at the same accuracy, made inline labels overlap into an unreadable block.
     ``mark_pareto`` rings the Pareto-optimal records (none faster and at least as accurate) and joins them.
     """
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.4), layout="constrained")
     b = str(batch_size)
-    points = []
+    points, handles, names = [], [], []
     for r in records:
         lat = r["latency_ms"].get(b, {}).get("p50_ms")
         if lat is None or r.get("accuracy") is None:
             continue
-        acc = 100 * r["accuracy"]
-        points.append((lat, acc))
-        ax.scatter(lat, acc, s=40)
-        ax.annotate(f"{r['variant']} ({r['runtime']})", (lat, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        k = len(points)
+        points.append((lat, 100 * r["accuracy"]))
+        handles.append(ax.scatter(lat, 100 * r["accuracy"], s=40, color=f"C{k % 10}", marker=MARKERS[k // 10 % len(MARKERS)]))
+        runtime = "" if r["runtime"] in r["variant"] else f" ({r['runtime']})"  # "x (onnxruntime)" names it already
+        names.append(f"{k + 1}  {r['variant']}{runtime}")
     if mark_pareto and points:
         _mark_front(ax, points)
     ax.set_xscale("log")
@@ -52,9 +58,58 @@ def accuracy_vs_latency(records: list[dict[str, Any]], batch_size: int = 1, titl
     profile = records[0]["profile"] if records else "?"
     cpu = records[0]["hardware"]["cpu"] if records else "?"
     ax.set_title(title or f"accuracy vs latency -- profile {profile}, {cpu}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", alpha=0.1)
+    if handles:
+        fig.legend(handles, names, loc="outside right upper", fontsize=7, frameon=False, handletextpad=0.3)
+    _plain_log_ticks(ax, "x")
+    _number_points(fig, ax, points)
     return fig
+
+
+def _plain_log_ticks(ax: Any, which: str = "x") -> None:
+    """Label a log axis at 1, 2 and 5 x 10^k as plain numbers ("0.5", "2", "20"), minor ticks unlabelled.
+
+    Matplotlib's default labels every minor tick of a short log range in scientific notation
+    ("2x10^0", "3x10^0", ...), and those labels overlap. Where fewer than two of 1-2-5 fall inside
+    the range, every integer multiple gets a label instead.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    lo, hi = sorted(ax.get_xlim() if which == "x" else ax.get_ylim())
+    subs = (1.0, 2.0, 5.0)
+    inside = [m * 10.0**e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1) for m in subs]
+    if sum(lo <= v <= hi for v in inside) < 2:
+        subs = tuple(float(m) for m in range(1, 10))
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(LogLocator(base=10, subs=tuple(float(m) for m in range(1, 10))))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _number_points(fig: Figure, ax: Any, points: list[tuple[float, float]]) -> None:
+    """Write each point's number (1, 2, ...) beside it, moved around the point until it overlaps no other number.
+
+    Positions are worked out in pixels after the layout is drawn, so a number never sits on a
+    number already placed; with many points at one spot some numbers move further out.
+    """
+    fig.canvas.draw()  # lays out the figure (constrained layout, legend), so the data-to-pixel transform is final
+    offsets = [(4, 3), (4, -11), (-12, 3), (-12, -11), (4, 12), (-12, 12), (4, -20), (-12, -20), (14, -4), (-22, -4)]
+    scale = fig.dpi / 72  # points to pixels
+    pixels = [ax.transData.transform(p) for p in points]
+    r = 4 * scale  # a marker's half width: numbers avoid every marker too
+    placed: list[tuple[float, float, float, float]] = [(px - r, py - r, px + r, py + r) for px, py in pixels]
+    for k, ((x, y), (px, py)) in enumerate(zip(points, pixels)):
+        text = str(k + 1)
+        w, h = 6.0 * len(text) * scale, 9.0 * scale
+        for dx, dy in offsets:
+            box = (px + dx * scale, py + dy * scale, px + dx * scale + w, py + dy * scale + h)
+            if not any(box[0] < q[2] and q[0] < box[2] and box[1] < q[3] and q[1] < box[3] for q in placed):
+                break
+        placed.append(box)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, color=f"C{k % 10}",
+                    fontweight="bold")
 
 
 def _mark_front(ax: Any, points: list[tuple[float, float]]) -> None:
