@@ -375,7 +375,7 @@ def test_the_runtime_must_match_the_file_and_a_program_splits_batches_above_its_
     the program's planned bound (its card's max_batch) runs in chunks with the same answers."""
     with pytest.raises(ValueError, match="onnxruntime, executorch"):
         predictor.load(onnx_path, runtime="tensorrt")
-    with pytest.raises(ValueError, match="'.onnx' files need 'onnxruntime'"):
+    with pytest.raises(ValueError, match="student_fp32.onnx: .onnx files need 'onnxruntime'"):
         asgi.AsgiServer(onnx_path, runtime="executorch")
     assert predictor.load(onnx_path).runtime == "onnxruntime"
     program = predictor.load(program_path, threads=1)

@@ -108,7 +108,7 @@ def test_the_function_serves_the_executorch_program_named_by_its_environment(pro
                for im in images]
         assert serverless.model().runtime == "executorch"
         assert got == reference.tolist()
-        with pytest.raises(ValueError, match="'.pte' files need 'executorch'"):
+        with pytest.raises(ValueError, match=".pte files need 'executorch'"):
             serverless.configure(program_path, runtime="onnxruntime")
     finally:
         serverless.configure(None)
