@@ -160,12 +160,21 @@ def state_dict_size(model: nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
+THROUGHPUT_COLUMN = "images/s (batch / mean)"
+THROUGHPUT_NOTE = (f"*{THROUGHPUT_COLUMN}*: the batch size divided by the mean latency -- one caller running batches back to "
+                   "back on these threads, not a server's throughput under load (the p50 columns are per batch).")
+
+
 def latency_table(results: Mapping[str, Mapping[int, LatencyStats]]) -> str:
-    """Markdown table of :func:`compare_latency` results (one row per variant and batch size)."""
-    return markdown_table([
+    """Markdown table of :func:`compare_latency` results (one row per variant and batch size), its throughput column defined below it.
+
+    Why the note: "images/s" beside p50 columns reads like a served rate; it is batch / mean latency of one caller.
+    """
+    table = markdown_table([
         {"variant": name, "batch": b, "p50 ms": f"{s.p50_ms:.2f}", "p90 ms": f"{s.p90_ms:.2f}", "p99 ms": f"{s.p99_ms:.2f}",
-         "mean ms": f"{s.mean_ms:.2f}", "images/s": f"{s.throughput:.0f}"}
+         "mean ms": f"{s.mean_ms:.2f}", THROUGHPUT_COLUMN: f"{s.throughput:.0f}"}
         for name, per in results.items() for b, s in sorted(per.items())])
+    return f"{table}\n\n{THROUGHPUT_NOTE}"
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:

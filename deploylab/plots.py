@@ -145,6 +145,26 @@ def pareto(rows: list[Any], batch_size: int = 1, title: str | None = None) -> Fi
     return fig
 
 
+STATUS_COLOURS = {"2": "tab:green", "4": "tab:red", "5": "darkred"}  # answered green, refused and failed in reds
+STATUS_MEANING = {"2": "answered", "4": "refused (client error)", "5": "server error"}
+
+
+def status_counters(counters: dict[str, float], title: str = "TorchServe status counters (Prometheus)") -> Figure:
+    """Bars of status-class counters (``Requests2XX``, ``Requests4XX``, ``Requests5XX``), in that order, errors red.
+
+    Colours follow the status class, never the position: 2XX green, 4XX red, 5XX dark red (a list of
+    colours zipped with the counters coloured errors green when the scrape listed them in another order).
+    """
+    names = sorted(counters, key=lambda n: n.removeprefix("Requests"))
+    classes = [n.removeprefix("Requests")[:1] for n in names]
+    fig, ax = plt.subplots(figsize=(5.5, 2.6), layout="constrained")
+    ax.bar([f"{n.removeprefix('Requests')}\n{STATUS_MEANING.get(c, '')}" for n, c in zip(names, classes)],
+           [counters[n] for n in names], color=[STATUS_COLOURS.get(c, "tab:gray") for c in classes])
+    ax.set_ylabel("requests so far")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
 def strategies(rows: list[dict[str, Any]], concurrency: tuple[int, ...] = (1, 8, 32)) -> Figure:
     """Lesson 07: throughput and p99 latency against concurrency, one line per deployment strategy.
 

@@ -68,4 +68,6 @@ def test_sizes(tmp_path):
 def test_latency_table_has_a_row_per_variant_and_batch():
     s = {b: bench.latency_percentiles([1.0, 2.0], b) for b in (1, 32)}
     table = bench.latency_table({"teacher": s, "student": s})
-    assert table.count("\n") == 1 + 4 and "| student | 32 |" in table
+    rows, note = table.split("\n\n")
+    assert rows.count("\n") == 1 + 4 and "| student | 32 |" in rows
+    assert bench.THROUGHPUT_COLUMN in rows.splitlines()[0] and note.startswith(f"*{bench.THROUGHPUT_COLUMN}*: the batch size divided")

@@ -30,3 +30,12 @@ def test_log_axis_labels_only_plain_major_ticks():
     major = [t.get_text() for t, v in zip(ax.xaxis.get_majorticklabels(), ax.get_xticks()) if lo <= v <= hi]
     assert major and all(label.replace(".", "").isdigit() for label in major), major  # "2", "5", "10", not 2x10^0
     assert all(t.get_text() == "" for t in ax.xaxis.get_minorticklabels()), "minor ticks must carry no label"
+
+
+def test_status_counters_colour_errors_red_whatever_the_order():
+    from matplotlib.colors import to_hex
+
+    fig = plots.status_counters({"Requests4XX": 12.0, "Requests2XX": 300.0, "Requests5XX": 0.0})
+    bars = fig.axes[0].patches
+    assert [to_hex(b.get_facecolor()) for b in bars] == [to_hex(c) for c in ("tab:green", "tab:red", "darkred")]
+    assert [b.get_height() for b in bars] == [300.0, 12.0, 0.0]

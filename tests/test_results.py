@@ -31,6 +31,7 @@ def test_write_read_and_table(tmp_dirs):
     assert json.loads(path.read_text())[1]["accuracy"] == 0.8
     table = results.records_table(back)
     assert "| baseline | student | pytorch | fp32 | 80.00% | 2.00 |" in table
+    assert results.THROUGHPUT_B32 in table.splitlines()[0] and table.endswith("not a server's throughput under load.")
     with pytest.raises(ValueError, match="lesson='other'"):
         results.write_results("other", [record("t")], "smoke")
 
