@@ -72,7 +72,7 @@ def _plain_log_ticks(ax: Any, which: str = "x") -> None:
 
     Matplotlib's default labels every minor tick of a short log range in scientific notation
     ("2x10^0", "3x10^0", ...), and those labels overlap. Where fewer than two of 1-2-5 fall inside
-    the range, every integer multiple gets a label instead.
+    the range, every integer multiple gets a label instead; over more than four decades, powers of ten only.
     """
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -82,6 +82,8 @@ def _plain_log_ticks(ax: Any, which: str = "x") -> None:
     inside = [m * 10.0**e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1) for m in subs]
     if sum(lo <= v <= hi for v in inside) < 2:
         subs = tuple(float(m) for m in range(1, 10))
+    elif np.log10(hi / lo) > 4:  # over four decades 1-2-5 labels would crowd: powers of ten only
+        subs = (1.0,)
     axis.set_major_locator(LogLocator(base=10, subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_locator(LogLocator(base=10, subs=tuple(float(m) for m in range(1, 10))))
