@@ -207,15 +207,17 @@ def test_a_ray_driver_stopped_with_sigterm_leaves_no_ray_process(ray_driver):
     assert not ray_driver.key_file.exists(), "the key file outlived the server"
 
 
-def test_litserve_serves_refuses_and_leaves_nothing(onnx_path):
-    server = litserve_app.LitServeServer(onnx_path, max_batch=8, keep_alive_s=3)  # the course's 75 s is too long to watch
+def test_litserve_serves_refuses_and_leaves_nothing(program_path):
+    """LitServe with ``--runtime executorch`` on the INT8 program (lesson 08 in smoke serves the ONNX file: both paths run):
+    the program's top-1 on real images, the corpus, the token, framing, keep-alive, and nothing left behind."""
+    server = litserve_app.LitServeServer(program_path, runtime="executorch", max_batch=8, keep_alive_s=3)  # 75 s is too long to watch
     server.start()
     procs = server.processes()
     try:
         assert len(procs) >= 3, f"LitServe runs an API server, a worker and a queue process: found {len(procs)}"
         made = list(server.tmp_dir.glob("pymp-*"))
         assert made, f"LitServe's multiprocessing manager made no pymp-* folder in {server.tmp_dir}: where did it go?"
-        _check_server(server, onnx_path)
+        _check_server(server, program_path)
         assert httpx.get(f"{server.url}/health", trust_env=False).status_code == 401  # LitServe's own routes too
         assert httpx.get(f"{server.url}/docs", trust_env=False).status_code == 401
         # the custom server's strict framing (header_timeout): the smuggling shape and oversized headers refused, then closed
@@ -238,16 +240,6 @@ def test_litserve_serves_refuses_and_leaves_nothing(onnx_path):
     assert not [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "LitServe processes survived"
     assert not server.key_file.exists()
     assert not server.tmp_dir.exists() and not any(m.exists() for m in made), "LitServe's temporary folder outlived stop()"
-
-
-def test_litserve_serves_the_executorch_program(program_path):
-    """``--runtime executorch``: LitServe's worker loads the INT8 program (card checked) and answers real test images with
-    the program's top-1 in this process."""
-    images, _ = data.raw_split("test", 16)
-    want = _reference_top1(program_path, images)
-    with litserve_app.LitServeServer(program_path, runtime="executorch", max_batch=8, keep_alive_s=3) as server, server.client() as c:
-        got = np.array([c.top1("student", im) for im in images])
-    assert (got == want).all(), f"served top-1 differs from the program in process at {np.flatnonzero(got != want)}"
 
 
 def test_a_port_in_use_is_a_clear_error(onnx_path):
