@@ -97,6 +97,22 @@ def _lower_int8(model, calibration, example):
     return edge, rows
 
 
+def _build_lesson_program(profile: Profile, student, calibration, example) -> None:
+    """Lower the INT8 program into lesson 04b's ``runtimes/student_int8.pte`` through ``harness.built``, with the lesson's settings."""
+    from .backends import executorch_xnnpack, harness
+
+    path = config.artefacts_dir(profile) / "runtimes" / "student_int8.pte"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def build() -> dict[str, Any]:
+        edge, rows = _lower_int8(student.model.eval(), calibration, example)
+        executorch_xnnpack.save(edge, path)
+        return {"delegation": rows}
+
+    settings = harness.build_settings(student.meta["sha256"], calibration_images=len(calibration), kind="executorch xnnpack int8")
+    harness.built(path, settings, build, profile)
+
+
 def _lesson_program(profile: Profile, student_sha256: str, calibration_images: int) -> tuple[bytes, list] | None:
     """The bytes and delegation table of lesson 04b's own ``runtimes/student_int8.pte`` when it was built with the same
     settings (student, calibration size, library versions: ``harness.built``'s record) and is intact; else None."""
@@ -138,11 +154,13 @@ def student_program(profile: Profile | str | None = None, *, threads: int = conf
     calibration = data.calibration_set(harness.sizes(profile).calibration_images)
     reference = assets.logits("student", "test", profile).numpy()
     lesson = _lesson_program(profile, student.meta.get("sha256"), len(calibration))
-    if lesson is None:
-        edge, rows = _lower_int8(student.model.eval(), calibration, x_test[:PROGRAM_MAX_BATCH])
-        program_bytes, built_by = edge.to_executorch().buffer, "deployable.student_program"
-    else:
-        (program_bytes, rows), built_by = lesson, "lesson 04b (runtimes/student_int8.pte)"
+    built_by = "lesson 04b (runtimes/student_int8.pte)"
+    if lesson is None:  # build it as lesson 04b's own cached artefact: the lesson (or make test's run of it) then reuses it
+        _build_lesson_program(profile, student, calibration, x_test[:PROGRAM_MAX_BATCH])
+        lesson, built_by = _lesson_program(profile, student.meta.get("sha256"), len(calibration)), "deployable.student_program"
+        if lesson is None:
+            raise export.ExportError("the INT8 program was built but its build record does not check out")
+    program_bytes, rows = lesson
     with atomic_path(path) as tmp:
         tmp.write_bytes(program_bytes)
         executorch_xnnpack.set_threads(threads)
