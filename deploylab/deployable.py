@@ -222,3 +222,47 @@ def served_model(profile: Profile | str | None = None, *, threads: int = config.
     if choice is not None and choice["chosen"] == PROGRAM_CHOICE:
         return student_program(profile, threads=threads), "executorch"
     return student_onnx(profile, threads=threads), "onnxruntime"
+
+
+def runtime_start_cost(runtime: str, *, repeats: int = 3) -> dict[str, float]:
+    """What a fresh worker pays for ``runtime`` before its first answer, measured: import seconds beyond ``import torch``
+    (which the TorchServe handler imports anyway; median of ``repeats`` fresh interpreters each) and the installed megabytes.
+
+    Lessons 05 and 06 keep ONNX Runtime with these figures printed: ExecuTorch's Python runtime
+    (``executorch.runtime``) imports its compiler package (``executorch.exir``) on the way to the C++
+    pybindings, so each TorchServe worker start -- and each restart after a crash -- would pay it.
+    """
+    import statistics
+    import subprocess
+    import sys
+    import time
+
+    from .backends import executorch_xnnpack, harness
+    from .backends import onnx_runtime as ort_backend
+
+    module, dists = {"executorch": ("executorch.runtime", executorch_xnnpack.INSTALL),
+                     "onnxruntime": ("onnxruntime", ort_backend.INSTALL)}[runtime]
+
+    def seconds(code: str) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+        return time.perf_counter() - start
+
+    bare = statistics.median(seconds("import torch") for _ in range(repeats))
+    imported = statistics.median(seconds(f"import torch, {module}") for _ in range(repeats))
+    return {"import_s": max(0.0, imported - bare), "install_mb": harness.install_bytes(dists) / 1e6}
+
+
+def onnx_runtime_kept(profile: Profile | str | None = None) -> str:
+    """Why lessons 05 and 06 serve the ONNX file although 04b may have chosen ExecuTorch: the measured start costs."""
+    profile = config.get_profile(profile)
+    path, runtime = served_model(profile)
+    if runtime == "onnxruntime":
+        return served_reason(profile)
+    et, ort = runtime_start_cost("executorch"), runtime_start_cost("onnxruntime")
+    return (f"04b chose ExecuTorch int8 for {profile.name!r}; this lesson keeps ONNX Runtime fp32 (lesson 04's file): "
+            f"measured here, beyond the `import torch` every worker makes, `import executorch.runtime` takes {et['import_s']:.1f} s "
+            f"(it imports ExecuTorch's compiler) against {ort['import_s']:.2f} s for onnxruntime, so every worker start and "
+            f"restart waits that much longer, and the package installs {et['install_mb']:.0f} MB against {ort['install_mb']:.0f} MB "
+            "(what the image of lesson 06 would add). Lesson 07 serves the ExecuTorch "
+            "program with TorchServe's handler (`backend: executorch`) and measures what it buys behind HTTP")
