@@ -36,7 +36,7 @@ class Entry:
     """
 
     label: str
-    kind: str  # pytorch | onnxruntime | served
+    kind: str  # pytorch | onnxruntime | executorch | openvino | aotinductor | served
     sources: tuple[tuple[str, str], ...]
     throughput_sources: tuple[tuple[str, str], ...] = ()
 
@@ -53,6 +53,12 @@ CATALOGUE: tuple[Entry, ...] = (
     Entry("teacher ONNX INT8", "onnxruntime", (("onnx", "teacher ort int8"),)),
     Entry("student ONNX fp32", "onnxruntime", (("onnx", "student ort fp32"),)),
     Entry("student ONNX INT8", "onnxruntime", (("onnx", "student ort int8"),)),
+    Entry("student ExecuTorch fp32 (XNNPACK)", "executorch", (("runtimes", "ExecuTorch fp32"),)),
+    Entry("student ExecuTorch INT8 (XNNPACK)", "executorch", (("runtimes", "ExecuTorch int8"),)),
+    Entry("student OpenVINO fp32", "openvino", (("runtimes", "OpenVINO fp32"),)),
+    Entry("student OpenVINO INT8 (NNCF)", "openvino", (("runtimes", "OpenVINO int8"),)),
+    Entry("student AOTInductor fp32", "aotinductor", (("runtimes", "AOTInductor fp32"),)),
+    Entry("student AOTInductor INT8", "aotinductor", (("runtimes", "AOTInductor int8"),)),
     Entry("served: TorchServe", "served", (("torchserve", "student_b1 c1"), ("torchserve", "student c1")),
           (("torchserve", "student c32"), ("torchserve", "student_b1 c32"))),
     Entry("served: TorchServe (lesson 07 run)", "served",

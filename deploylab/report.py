@@ -14,7 +14,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from . import config, decision
+from . import config, decision, deployable
 from .config import Profile
 from .files import atomic_path, atomic_write_bytes
 from .plots import pareto
@@ -78,9 +78,10 @@ def render(profile: Profile) -> str:
     lines += [LATENCY_NOTE, ""]
     if any(r.variant == decision.DEPLOYED for r in rows):
         lines += [f"The deployable student is the row `{decision.DEPLOYED}`: the shipped student (`models/student.pt`) "
-                  f"exported to ONNX by `deployable.student_onnx`, the model lessons 05-08 serve.", ""]
+                  f"exported to ONNX by `deployable.student_onnx`, the model lessons 05 and 06 serve.", ""]
     else:
-        lines += [f"The deployable student, `{decision.DEPLOYED}` (what lessons 05-08 serve), is not in these results.", ""]
+        lines += [f"The deployable student, `{decision.DEPLOYED}` (what lessons 05 and 06 serve), is not in these results.", ""]
+    lines += [f"Lessons 07 and 08 serve what lesson 04b chose: {deployable.served_reason(profile)}.", ""]
     if missing:
         lines += [f"Missing from `results/{profile.name}/` ({len(missing)} of {len(decision.CATALOGUE)} variants): "
                   + "; ".join(missing) + ".", ""]

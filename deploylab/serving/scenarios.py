@@ -44,7 +44,7 @@ class ScenarioSizes:
 
 
 SIZES: dict[str, ScenarioSizes] = {
-    "smoke": ScenarioSizes(single_stream=60, offline_seconds=0.6, trial_seconds=0.3, min_samples=150, steps=2),
+    "smoke": ScenarioSizes(single_stream=40, offline_seconds=0.6, trial_seconds=0.3, min_samples=80, steps=2),
     "workshop": ScenarioSizes(single_stream=1_000, offline_seconds=3.0, trial_seconds=1.5, min_samples=600, steps=4),
     "full": ScenarioSizes(single_stream=3_000, offline_seconds=10.0, trial_seconds=5.0, min_samples=3_000, steps=6),
 }
