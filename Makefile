@@ -18,7 +18,7 @@ lab: setup
 # Everything: the linter, unit tests, then every notebook under nbval, in the smoke profile.
 test: setup
 	$(BIN)/ruff check deploylab handlers tests
-	DEPLOYLAB_PROFILE=smoke $(BIN)/python -m pytest -p no:cacheprovider -ra --durations=15 tests $(NOTEBOOKS) $(PYTEST_NB)
+	DEPLOYLAB_PROFILE=smoke $(BIN)/python -m pytest -p no:cacheprovider -ra --durations=30 tests $(NOTEBOOKS) $(PYTEST_NB)
 
 test-unit: setup
 	DEPLOYLAB_PROFILE=smoke $(BIN)/python -m pytest -p no:cacheprovider -ra tests
