@@ -56,7 +56,7 @@ from .. import config
 from ..files import atomic_write_json
 from . import metrics, predictor, protocol, serverless
 from .api import Client
-from .header_timeout import HEADER_TIMEOUT_S, header_timeout_protocol
+from .header_timeout import DEFAULT_HTTP, HEADER_TIMEOUT_S, HTTP_PARSERS, header_timeout_protocol
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
 from .processes import ServeError, ServerProcess, free_ports
 from .protocol import BadRequest
@@ -296,14 +296,16 @@ def app_from_environment() -> Starlette:
     """
     torch.set_num_threads(1)
     settings = json.loads(os.environ[WORKER_ENV])
-    settings.pop("header_timeout_s")  # for WorkerProtocol, not the app
+    for name in ("header_timeout_s", "http"):  # for WorkerProtocol, not the app
+        settings.pop(name)
     key = json.loads(Path(settings.pop("key_file")).read_text())["inference"]["key"]
     return create_app(key=key, **settings)
 
 
 # uvicorn's ``http=`` for the workers of ``--processes N``: each worker imports this module with
-# WORKER_ENV already set by the supervisor, so the class carries the worker's header timeout.
-WorkerProtocol = header_timeout_protocol(float(json.loads(os.environ.get(WORKER_ENV, "{}")).get("header_timeout_s", HEADER_TIMEOUT_S)))
+# WORKER_ENV already set by the supervisor, so the class carries the worker's header timeout and parser.
+_WORKER = json.loads(os.environ.get(WORKER_ENV, "{}"))
+WorkerProtocol = header_timeout_protocol(float(_WORKER.get("header_timeout_s", HEADER_TIMEOUT_S)), _WORKER.get("http", DEFAULT_HTTP))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -328,11 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if a.processes == 1:
             uvicorn.run(create_app(key=key, **settings), host=a.host, port=a.port, log_level="warning", access_log=False,
-                        workers=1, http=header_timeout_protocol(a.header_timeout_s), timeout_keep_alive=a.keep_alive_s)
+                        workers=1, http=header_timeout_protocol(a.header_timeout_s, a.http), timeout_keep_alive=a.keep_alive_s)
         else:  # uvicorn's supervisor spawns the workers: they build the app from WORKER_ENV
             if a.metrics:  # before the workers import prometheus_client: they share one folder of values
                 os.environ.update(metrics.multiprocess_environment(Path(a.stats_dir or tempfile.mkdtemp()) / "prometheus"))
-            os.environ[WORKER_ENV] = json.dumps({**settings, "key_file": a.key_file, "header_timeout_s": a.header_timeout_s})
+            os.environ[WORKER_ENV] = json.dumps({**settings, "key_file": a.key_file, "header_timeout_s": a.header_timeout_s,
+                                                 "http": a.http})
             uvicorn.run("deploylab.serving.asgi:app_from_environment", factory=True, host=a.host, port=a.port,
                         log_level="warning", access_log=False, workers=a.processes,
                         http="deploylab.serving.asgi:WorkerProtocol", timeout_keep_alive=a.keep_alive_s)
@@ -351,11 +354,12 @@ class AsgiServer:
     def __init__(self, model_path: str | os.PathLike, *, mode: str = "batch", model_name: str = "student", runtime: str | None = None,
                  max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, processes: int = 1,
                  workdir: str | os.PathLike | None = None, start_timeout_s: float = 60.0,
-                 body_timeout_s: float = BODY_TIMEOUT_S, header_timeout_s: float = HEADER_TIMEOUT_S, metrics: bool = False):
+                 body_timeout_s: float = BODY_TIMEOUT_S, header_timeout_s: float = HEADER_TIMEOUT_S, metrics: bool = False,
+                 http: str = DEFAULT_HTTP):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if processes < 1:
-            raise ValueError(f"processes must be >= 1, got {processes}")
+        if processes < 1 or http not in HTTP_PARSERS:
+            raise ValueError(f"processes must be >= 1 and http one of {HTTP_PARSERS}, got {processes} and {http!r}")
         self.processes_count = processes
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -364,6 +368,7 @@ class AsgiServer:
         self.mode, self.model_name, self.runtime = mode, model_name, runtime
         self.max_batch, self.max_wait_ms, self.threads = max_batch, max_wait_ms, threads
         self.body_timeout_s, self.header_timeout_s, self.metrics = body_timeout_s, header_timeout_s, metrics
+        self.http = http  # uvicorn's HTTP parser (header_timeout.HTTP_PARSERS), with the header deadline either way
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"deploylab-asgi-{mode}-"))
         self.start_timeout_s = start_timeout_s
         self.port: int | None = None
@@ -396,7 +401,7 @@ class AsgiServer:
         return [sys.executable, "-m", "deploylab.serving.asgi", "--model", str(self.model_path), "--port", str(self.port),
                 "--key-file", str(self.key_file), "--mode", self.mode, "--model-name", self.model_name,
                 "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms), "--threads", str(self.threads),
-                "--body-timeout-s", str(self.body_timeout_s), "--header-timeout-s", str(self.header_timeout_s),
+                "--body-timeout-s", str(self.body_timeout_s), "--header-timeout-s", str(self.header_timeout_s), "--http", self.http,
                 "--processes", str(self.processes_count), "--stats-dir", str(self.stats_dir),
                 *self.runtime_args()] + ["--metrics"] * self.metrics
 

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                               workers_per_device=a.workers, disable_openapi_url=True, fast_queue=a.fast_queue,
                               middlewares=[(HttpDoor, {"key": key, "body_timeout_s": a.body_timeout_s})])
         server.run(host=a.host, port=a.port, num_api_servers=1, generate_client_file=False, log_level="warning",
-                   access_log=False, http=header_timeout_protocol(a.header_timeout_s),
+                   access_log=False, http=header_timeout_protocol(a.header_timeout_s, a.http),
                    timeout_keep_alive=a.keep_alive_s)  # uvicorn's default 5 s equals httpx's keepalive_expiry: a race
     finally:
         Path(a.key_file).unlink(missing_ok=True)  # the key dies with the server

@@ -2,7 +2,7 @@
 
 The custom server (:mod:`.asgi`), LitServe (:mod:`.litserve_app`) and Ray Serve (:mod:`.ray_serve`)
 take the same options (:func:`server_arguments`: the model and the runtime that serves it, port,
-key file, batching, timeouts) and write their bearer key the same way (:func:`write_key_file`:
+key file, batching, timeouts, HTTP parser) and write their bearer key the same way (:func:`write_key_file`:
 0600, exclusive, a stale file of a server that is gone replaced).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from .header_timeout import HEADER_TIMEOUT_S, KEEP_ALIVE_S
+from .header_timeout import DEFAULT_HTTP, HEADER_TIMEOUT_S, HTTP_PARSERS, KEEP_ALIVE_S
 from .http_input import BODY_TIMEOUT_S
 from .predictor import RUNTIMES
 
@@ -60,6 +60,8 @@ def server_arguments(description: str) -> argparse.ArgumentParser:
     p.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S, help="a request body must arrive within this (408)")
     p.add_argument("--header-timeout-s", type=float, default=HEADER_TIMEOUT_S,
                    help="a request's headers must arrive within this, else the connection is closed")
+    p.add_argument("--http", choices=HTTP_PARSERS, default=DEFAULT_HTTP,
+                   help="uvicorn's HTTP parser, with the header deadline and strict framing either way (header_timeout)")
     p.add_argument("--keep-alive-s", type=int, default=KEEP_ALIVE_S,
                    help="an idle kept-alive connection is closed after this (longer than any client of the kit keeps one)")
     return p
