@@ -219,7 +219,7 @@ def test_a_connection_without_complete_headers_is_closed_within_the_header_timeo
         closed = False
         while time.monotonic() - t0 < 8:
             try:
-                sock.sendall(b"x")  # trickle: each byte arrives well within any per-byte timeout
+                sock.sendall(b"x" if sent else b"")  # trickle a header byte: each arrives well within any per-byte timeout
             except OSError:
                 closed = True
                 break
