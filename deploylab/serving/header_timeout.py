@@ -99,6 +99,36 @@ def check_framing(request: h11.Request, max_header_bytes: int = MAX_HEADER_BYTES
                            status=400)
 
 
+class _HeaderDeadline:
+    """The header deadline both protocols share: armed, cancelled, and the close when it passes.
+
+    A protocol says whether it is waiting for a request's headers (:meth:`_waiting_for_headers`);
+    it has ``loop``, ``transport`` and ``client`` from uvicorn's protocol classes.
+    """
+
+    header_timeout_s: float
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def _waiting_for_headers(self) -> bool:
+        raise NotImplementedError
+
+    def _arm_header_deadline(self) -> None:
+        self._cancel_header_deadline()
+        self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)  # type: ignore[attr-defined]
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if self._waiting_for_headers() and not self.transport.is_closing():  # type: ignore[attr-defined]
+            log.info("closed a connection from %s: no complete request headers within %.0f s",
+                     self.client, self.header_timeout_s)  # type: ignore[attr-defined]
+            self.transport.close()  # type: ignore[attr-defined]
+
+
 def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S, parser: str = DEFAULT_HTTP) -> type[asyncio.Protocol]:
     """uvicorn's ``parser`` protocol (:data:`HTTP_PARSERS`) with the header deadline and the strict framing of the module docstring.
 
@@ -114,11 +144,10 @@ def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S, parser: str = DEF
 def _h11_protocol(seconds: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol with the header deadline and :class:`StrictConnection`."""
 
-    class HeaderTimeoutH11Protocol(H11Protocol):
+    class HeaderTimeoutH11Protocol(_HeaderDeadline, H11Protocol):
         """h11 with a per-request deadline for the headers (see the module docstring)."""
 
         header_timeout_s = float(seconds)
-        _header_deadline: asyncio.TimerHandle | None = None
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
@@ -166,21 +195,8 @@ def _h11_protocol(seconds: float) -> type[H11Protocol]:
             self._cancel_header_deadline()
             super().connection_lost(exc)
 
-        def _arm_header_deadline(self) -> None:
-            self._cancel_header_deadline()
-            self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
-
-        def _cancel_header_deadline(self) -> None:
-            if self._header_deadline is not None:
-                self._header_deadline.cancel()
-                self._header_deadline = None
-
-        def _headers_too_slow(self) -> None:
-            self._header_deadline = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                log.info("closed a connection from %s: no complete request headers within %.0f s",
-                         self.client, self.header_timeout_s)
-                self.transport.close()
+        def _waiting_for_headers(self) -> bool:
+            return self.conn.their_state is h11.IDLE
 
     return HeaderTimeoutH11Protocol
 
@@ -204,7 +220,7 @@ def _httptools_protocol(seconds: float) -> type[HttpToolsProtocol]:
     a Transfer-Encoding other than exactly ``chunked`` is refused here, as h11 does.
     """
 
-    class HeaderTimeoutHttpToolsProtocol(HttpToolsProtocol):
+    class HeaderTimeoutHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
         """httptools with a per-request deadline for the headers (see the module docstring)."""
 
         header_timeout_s = seconds
@@ -295,19 +311,7 @@ def _httptools_protocol(seconds: float) -> type[HttpToolsProtocol]:
             super().on_message_complete()
             self._headers_pending = True  # the next byte on this connection starts the next request's deadline
 
-        def _arm_header_deadline(self) -> None:
-            self._cancel_header_deadline()
-            self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
-
-        def _cancel_header_deadline(self) -> None:
-            if self._header_deadline is not None:
-                self._header_deadline.cancel()
-                self._header_deadline = None
-
-        def _headers_too_slow(self) -> None:
-            self._header_deadline = None
-            if self._headers_pending and not self.transport.is_closing():
-                log.info("closed a connection from %s: no complete request headers within %.0f s", self.client, self.header_timeout_s)
-                self.transport.close()
+        def _waiting_for_headers(self) -> bool:
+            return self._headers_pending
 
     return HeaderTimeoutHttpToolsProtocol
