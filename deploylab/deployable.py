@@ -164,7 +164,7 @@ def student_program(profile: Profile | str | None = None, *, threads: int = conf
     with atomic_path(path) as tmp:
         tmp.write_bytes(program_bytes)
         executorch_xnnpack.set_threads(threads)
-        program = predictor.Predictor("executorch", tmp, {}, _numpy_runner(executorch_xnnpack.runner(tmp)), PROGRAM_MAX_BATCH)
+        program = predictor.Predictor("executorch", tmp, {}, predictor.numpy_call(executorch_xnnpack.runner(tmp)), PROGRAM_MAX_BATCH)
         logits = program.run(x_test.numpy())
         accuracy = float((logits.argmax(1) == y_test.numpy()).mean())
         agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
@@ -181,13 +181,6 @@ def student_program(profile: Profile | str | None = None, *, threads: int = conf
         "profile": profile.name})
     atomic_write_json(export.card_path(path), card)
     return path
-
-
-def _numpy_runner(forward):
-    """NumPy in, NumPy out over a torch-tensor ``forward`` (as :func:`deploylab.serving.predictor.load` wraps it)."""
-    import torch
-
-    return lambda x: forward(torch.from_numpy(x)).numpy().copy()
 
 
 def runtimes_choice(profile: Profile | str | None = None) -> dict[str, Any] | None:

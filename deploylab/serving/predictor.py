@@ -101,14 +101,16 @@ def checked_card(path: Path, kind: str) -> dict[str, Any]:
 def _executorch(path: Path, threads: int) -> Predictor:
     """An ExecuTorch program's ``forward`` with XNNPACK's pool at ``threads``; NumPy in and out."""
     card = checked_card(path, FORMATS["executorch"])
-    import torch  # the program's inputs and outputs are torch tensors
-
     from ..backends import executorch_xnnpack  # the one module of the kit that imports executorch
 
     executorch_xnnpack.set_threads(threads)
-    forward = executorch_xnnpack.runner(path)
+    return Predictor("executorch", path, card, numpy_call(executorch_xnnpack.runner(path)), max_batch=int(card["max_batch"]))
+
+
+def numpy_call(forward):
+    """NumPy in, NumPy out over a torch-tensor ``forward`` (an ExecuTorch program's method)."""
+    import torch  # the program's inputs and outputs are torch tensors
 
     def call(x: np.ndarray) -> np.ndarray:
         return forward(torch.from_numpy(x)).numpy().copy()  # copied: the program's output buffer is reused by the next call
-
-    return Predictor("executorch", path, card, call, max_batch=int(card["max_batch"]))
+    return call
