@@ -165,6 +165,15 @@ def seed_everything(seed: int = 0) -> None:
 
 
 def banner(profile: Profile | None = None) -> str:
-    """The first line every notebook prints: ``deploylab profile: <name>``."""
+    """The first lines every notebook prints: ``deploylab profile: <name>`` and ``machine: <CPU, cores, extensions>``.
+
+    The second line is what tells the committed notebooks apart by machine: tests/test_notebooks_structure.py
+    checks that every committed notebook printed the same two lines (one run, one machine).
+    """
+    from .hardware import REPORTED_FLAGS, cpu_flags, cpu_model
+
     p = profile or get_profile()
-    return f"deploylab profile: {p.name}"
+    flags = cpu_flags()
+    isa = ", ".join(f for f in REPORTED_FLAGS if f in flags) or "none of " + ", ".join(REPORTED_FLAGS)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"deploylab profile: {p.name}\nmachine: {cpu_model()}, {cores} cores, {isa}"

@@ -29,7 +29,9 @@ def test_profiles_grow_from_smoke_to_full():
 
 
 def test_banner_is_the_first_line_notebooks_print():
-    assert config.banner(config.PROFILES["smoke"]) == "deploylab profile: smoke"
+    first, second = config.banner(config.PROFILES["smoke"]).splitlines()
+    assert first == "deploylab profile: smoke"
+    assert second.startswith("machine: ") and " cores, " in second
 
 
 def test_set_threads_is_explicit():

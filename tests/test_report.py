@@ -118,3 +118,20 @@ def test_update_readme_without_markers_raises(tmp_dirs, content):
     with pytest.raises(ValueError, match="markers"):
         report.update_readme(WORKSHOP, readme)
     assert readme.read_text() == content  # left as it was
+
+
+def test_records_from_two_machines_get_one_table_each_never_one_mixed_table(records, tmp_dirs):
+    """A latency measured on one CPU never sits in a column beside another CPU's: one labelled table per machine."""
+    moved = copy.deepcopy(records)
+    for r in moved:
+        if r["lesson"] == "torchserve":
+            r["hardware"]["cpu"] = "Intel Xeon"
+    _write(config.results_dir(WORKSHOP), moved)
+    text = report.render(WORKSHOP)
+    assert "more than one machine" in text
+    tables = [block for block in text.split("Measured on ")[1:]]
+    assert len(tables) == 2
+    first, second = (_table(t) for t in tables)
+    assert any("served: TorchServe" in line for line in second) and not any("served: TorchServe" in line for line in first)
+    assert tables[1].startswith("Intel Xeon")
+    assert "![accuracy vs latency]" not in text  # one plot would mix the machines again
