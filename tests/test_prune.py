@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from deploylab import config, data, distill, models, prune, stats
+from deploylab import config, data, distill, models, prune, prune_scan, stats
 
 
 def small_model() -> nn.Module:
@@ -128,13 +128,13 @@ def test_ratio_zero_is_a_noop_and_one_is_refused():
 def test_structured_ratio_edge_cases():
     m = models.build("mobilenet_v2").eval()
     ex = torch.zeros(1, 1, 32, 32)
-    layer = prune.scan_layers(m, 1)[0]
+    layer = prune_scan.scan_layers(m, 1)[0]
     channels = m.get_submodule(layer).out_channels
-    assert prune.prune_layer_channels(m, layer, 0.0, ex) == 0
+    assert prune_scan.prune_layer_channels(m, layer, 0.0, ex) == 0
     assert m.get_submodule(layer).out_channels == channels
     with pytest.raises(ValueError, match="remove every weight"):
-        prune.prune_layer_channels(m, layer, 1.0, ex)
-    removed = prune.prune_layer_channels(m, layer, 0.5, ex)
+        prune_scan.prune_layer_channels(m, layer, 1.0, ex)
+    removed = prune_scan.prune_layer_channels(m, layer, 0.5, ex)
     conv = m.get_submodule(layer)
     assert removed == channels // 2 and conv.out_channels == channels - removed
     with torch.inference_mode():
@@ -159,7 +159,7 @@ def test_macs_fall_when_channels_are_removed():
     ex = torch.zeros(1, 1, 32, 32)
     macs0, params0 = prune.macs_and_params(m, ex)
     assert params0 == models.count_parameters(m)
-    prune.prune_layer_channels(m, prune.scan_layers(m, 1)[0], 0.5, ex)
+    prune_scan.prune_layer_channels(m, prune_scan.scan_layers(m, 1)[0], 0.5, ex)
     macs1, params1 = prune.macs_and_params(m, ex)
     assert macs1 < macs0 and params1 < params0
 
@@ -173,45 +173,45 @@ def test_sensitivity_scan_on_validation_images_and_ratio_choice():
     m = models.build("mobilenet_v2").eval()
     x_val, y_val = data.tensors("val", 64)
     ex = x_val[:1]
-    layers = prune.scan_layers(m, 2)
+    layers = prune_scan.scan_layers(m, 2)
     assert len(layers) == 2 and layers[0] != layers[1]
-    scan = prune.sensitivity_scan(m, layers, [0.25, 0.5], ex, x_val, y_val, resamples=100)
+    scan = prune_scan.sensitivity_scan(m, layers, [0.25, 0.5], ex, x_val, y_val, resamples=100)
     assert set(scan) == set(layers) and set(scan[layers[0]]) == {0.25, 0.5}
     assert all(s.images == 64 and 0 <= s.accuracy <= 1 for per in scan.values() for s in per.values())
     assert m.get_submodule(layers[0]).out_channels == 96  # pruned copies, not the original
     with pytest.raises(data.TestImagesError):
-        prune.sensitivity_scan(m, layers, [0.25], ex, *data.tensors("test", 64))
+        prune_scan.sensitivity_scan(m, layers, [0.25], ex, *data.tensors("test", 64))
     with pytest.raises(ValueError):
-        prune.scan_layers(m, 0)
+        prune_scan.scan_layers(m, 0)
 
 
 def test_ratios_from_scan_keep_the_smaller_change_when_the_interval_reaches_past_the_bound():
     scan = {"a": {0.25: _score(-0.5, 0.5), 0.5: _score(-1.5, 0.4)},  # 0.5 surely loses < 2 points
             "b": {0.25: _score(-1.5, 1.0), 0.5: _score(-1.8, 0.1)},  # 0.25 may lose 2.5 points; 0.5 surely < 2
             "c": {0.25: _score(-5.0, 0.5)}}  # surely too much: nothing
-    assert prune.ratios_from_scan(scan, max_drop_points=2.0) == {"a": 0.5, "b": 0.5, "c": 0.0}
-    assert prune.ratios_from_scan({"b": {0.25: _score(-1.5, 1.0)}}, max_drop_points=2.0) == {"b": 0.0}
+    assert prune_scan.ratios_from_scan(scan, max_drop_points=2.0) == {"a": 0.5, "b": 0.5, "c": 0.0}
+    assert prune_scan.ratios_from_scan({"b": {0.25: _score(-1.5, 1.0)}}, max_drop_points=2.0) == {"b": 0.0}
     with pytest.raises(ValueError):
-        prune.ratios_from_scan(scan, max_drop_points=-1)
+        prune_scan.ratios_from_scan(scan, max_drop_points=-1)
 
 
 def test_choose_saved_picks_the_fastest_surely_within_tolerance_else_the_most_accurate():
     scores = {"ch-25%": _score(-0.3, 0.4), "ch-50%": _score(-0.8, 0.5), "guided": _score(-0.2, 0.3)}
     p50 = {"ch-25%": 2.0, "ch-50%": 1.0, "guided": 1.5}
-    name, rule = prune.choose_saved(scores, p50, tolerance_points=1.0)
+    name, rule = prune_scan.choose_saved(scores, p50, tolerance_points=1.0)
     assert name == "guided" and "validation" in rule  # ch-50% is faster but may lose 1.3 points
     worse = {"ch-25%": _score(-3.0, 0.5, 0.87), "ch-50%": _score(-4.0, 0.5, 0.86)}
-    name, rule = prune.choose_saved(worse, p50, tolerance_points=1.0)
+    name, rule = prune_scan.choose_saved(worse, p50, tolerance_points=1.0)
     assert name == "ch-25%" and "most accurate" in rule
 
 
 def test_validation_scores_pair_with_the_dense_model_and_refuse_test_images():
     m = models.build("mobilenet_v2").eval()
     x_val, y_val = data.tensors("val", 32)
-    scores = prune.validation_scores({"same": m}, m, x_val, y_val, resamples=50)
+    scores = prune_scan.validation_scores({"same": m}, m, x_val, y_val, resamples=50)
     assert scores["same"].agreement == 1.0 and scores["same"].delta_interval == (0.0, 0.0)
     with pytest.raises(data.TestImagesError):
-        prune.validation_scores({"same": m}, m, *data.tensors("test", 32))
+        prune_scan.validation_scores({"same": m}, m, *data.tensors("test", 32))
 
 
 def test_pruned_model_roundtrip_and_tamper(tmp_path):
