@@ -41,6 +41,7 @@ course: setup
 	  cp "build/executed/$$(basename $$nb)" "$$nb"; \
 	  $(BIN)/jupyter nbconvert --to html --output-dir build/html "$$nb" >/dev/null 2>&1; \
 	done
+	$(BIN)/python -m deploylab.runtimes --readme
 
 prepare: setup
 	$(BIN)/deploylab prepare --profile $(PROFILE)

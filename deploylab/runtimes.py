@@ -84,13 +84,64 @@ def update_intro(notebook: str | Path) -> bool:
     return True
 
 
+README_START, README_END = "<!-- outputs:start -->", "<!-- outputs:end -->"
+
+
+def _banner_lines(path: Path) -> tuple[str, str] | None:
+    """The committed notebook's banner (``deploylab profile: ...``, ``machine: ...``), or None when it has none."""
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    text = "".join("".join(o.get("text", "")) for o in (cells[0].get("outputs", []) if cells else []))
+    lines = text.splitlines()
+    if len(lines) < 2 or not lines[1].startswith("machine: "):
+        return None
+    return lines[0].removeprefix("deploylab profile: "), lines[1].removeprefix("machine: ")
+
+
+def committed_outputs_paragraph(notebooks: list[Path] | None = None) -> str:
+    """Which run the committed notebooks' outputs come from, read from their banners and run_times.json.
+
+    One run on one machine gives one sentence with each lesson's time; anything else says which
+    notebooks came from which profile and machine (the README never claims one run that is not).
+    """
+    notebooks = notebooks or sorted(config.ROOT.glob("notebooks/[0-9][0-9]*_*.ipynb"))
+    runs: dict[tuple[str, str] | None, list[str]] = {}
+    for nb in notebooks:
+        runs.setdefault(_banner_lines(nb), []).append(nb.stem)
+    if len(runs) == 1 and None not in runs:
+        (profile, machine), = runs
+        times = read().get(profile, {})
+        took = ", ".join(f"{stem[:3].rstrip('_')} {times[stem]['seconds'] / 60:.1f} min" for stem in runs[(profile, machine)]
+                         if stem in times)
+        return (f"The committed notebook outputs are one `make course PROFILE={profile}` run on {machine}"
+                + (f" (lesson times: {took})" if took else "") + ".")
+    parts = [f"{', '.join(stems)}: " + ("no machine recorded" if run is None else f"`{run[0]}` on {run[1]}")
+             for run, stems in runs.items()]
+    return "The committed notebook outputs come from more than one run: " + "; ".join(parts) + "."
+
+
+def update_readme(readme: Path | None = None) -> bool:
+    """Rewrite the README's paragraph between the outputs markers; False (nothing changed) without markers."""
+    readme = readme or config.ROOT / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    body = f"{README_START}{committed_outputs_paragraph()}{README_END}"
+    new = re.sub(re.escape(README_START) + ".*?" + re.escape(README_END), lambda _: body, text, flags=re.S)
+    with atomic_path(readme) as tmp:
+        Path(tmp).write_text(new)
+    return True
+
+
 def main(argv: list[str]) -> int:
     """``python -m deploylab.runtimes NOTEBOOK PROFILE SECONDS`` (called by ``make course``): record, then update the intro.
 
-    ``python -m deploylab.runtimes --intro NOTEBOOK`` only rewrites the intro from what is recorded.
+    ``python -m deploylab.runtimes --intro NOTEBOOK`` only rewrites the intro from what is recorded;
+    ``python -m deploylab.runtimes --readme`` rewrites the README's sentence on which run the outputs come from.
     """
     if len(argv) == 2 and argv[0] == "--intro":
         return 0 if update_intro(argv[1]) else 1
+    if argv == ["--readme"]:
+        return 0 if update_readme() else 1
     if len(argv) != 3:
         print("usage: python -m deploylab.runtimes NOTEBOOK PROFILE SECONDS | --intro NOTEBOOK", file=sys.stderr)
         return 2

@@ -43,3 +43,24 @@ def test_an_intro_without_a_time_paragraph_is_left_alone(tmp_dirs):
     nb = _notebook(tmp_dirs / "09_other.ipynb", "# 09 · Title\n\nNo times here.")
     before = nb.read_text()
     assert runtimes.update_intro(nb) is False and nb.read_text() == before
+
+
+def _executed(path, banner):
+    path.write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": {}, "source": "print(config.banner())",
+                                           "outputs": [{"output_type": "stream", "name": "stdout", "text": banner}]}],
+                                "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    return path
+
+
+def test_the_readme_says_one_run_only_when_every_banner_agrees(tmp_dirs):
+    same = "deploylab profile: workshop\nmachine: Intel Xeon, 2 cores, avx2\n"
+    a, b = _executed(tmp_dirs / "00_baseline.ipynb", same), _executed(tmp_dirs / "01_quantization.ipynb", same)
+    runtimes.record("00_baseline", "workshop", 90)
+    one = runtimes.committed_outputs_paragraph([a, b])
+    assert one.startswith("The committed notebook outputs are one `make course PROFILE=workshop` run on Intel Xeon")
+    assert "00 1.5 min" in one
+    _executed(b, "deploylab profile: full\nmachine: AMD EPYC, 2 cores, avx2\n")
+    two = runtimes.committed_outputs_paragraph([a, b])
+    assert "more than one run" in two and "01_quantization: `full` on AMD EPYC" in two
+    _executed(b, "deploylab profile: workshop\n")  # committed before the banner named the machine
+    assert "no machine recorded" in runtimes.committed_outputs_paragraph([a, b])
