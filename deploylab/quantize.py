@@ -8,32 +8,29 @@ Current paths (docs/ARCHITECTURE.md, "Current library paths"):
   ``X86InductorQuantizer``, calibration on real images, ``convert_pt2e``, then ``torch.compile``, which
   lowers the quantize/dequantize pattern to oneDNN INT8 kernels (VNNI/AMX where the CPU has them);
 - quantization-aware training: ``prepare_qat_pt2e`` and a short fine-tune with fake quantization
-  (:func:`qat_finetune`: distillation from the fp32 model, batch norm and observers frozen part-way).
+  (:func:`deploylab.qat.qat_finetune`: distillation from the fp32 model, batch norm and observers frozen part-way).
 
 This module holds what the lesson needs around those calls: the per-profile sizes, input checks with
 clear errors, calibration, evaluation at fixed batch shapes (so that a compiled model compiles once),
 how to read the CPU's INT8 instructions (:func:`int8_instructions`, :func:`needs_reduce_range`),
-per-layer sensitivity, and saving/loading the quantized program with a verified sha256.
+per-layer sensitivity and the keep-in-float choice. Split out by concern: QAT's fine-tune in
+:mod:`deploylab.qat`, saving/loading the quantized program with a verified sha256 in :mod:`deploylab.quantize_save`
+(both still reachable as ``quantize.<name>``).
 """
 
 from __future__ import annotations
 
 import copy
-import io
-import json
 import types
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import artefacts, data, stats
+from . import data, stats
 from .config import Profile
-from .files import shown
 from .train import accuracy, predict
 
 LESSON = "quantization"
@@ -301,68 +298,6 @@ def allow_eval(model: nn.Module, *, exported_in_eval_mode: bool = False) -> nn.M
     return model
 
 
-def qat_finetune(prepared: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, lr: float,
-                 soft_targets: torch.Tensor | None = None, temperature: float = 2.0, freeze_bn_at: float = 0.5,
-                 freeze_observers_at: float = 0.75, seed: int = 0) -> list[float]:
-    """One shuffled pass over ``(x, y)`` with a ``prepare_qat_pt2e`` model; returns the loss of every step.
-
-    The usual QAT recipe, scaled to a few thousand images:
-
-    - SGD with momentum at a small learning rate (~1/100 of the original training's): the weights are
-      trained already, they only adapt to the INT8 rounding;
-    - with ``soft_targets`` (the fp32 model's logits on ``x``), distillation from the fp32 model
-      (:func:`deploylab.distill.kd_loss`, ``alpha=1``: match its softened predictions, no labels): the
-      fine-tune learns to compute what the fp32 model computed, not to re-fit the labels; without
-      them, cross-entropy on ``y``;
-    - batch norm frozen after ``freeze_bn_at`` of the steps (``move_exported_model_to_eval``: the graph's
-      batch norm then uses its running statistics, as the converted model will), and the observers
-      after ``freeze_observers_at`` (``disable_observer``: the scales stop moving, so the last steps
-      train against the scales ``convert_pt2e`` will use).
-
-    The model is left in its eval form, ready for ``convert_pt2e``.
-    """
-    from torchao.quantization.pt2e import disable_observer, move_exported_model_to_eval, move_exported_model_to_train
-
-    from .distill import kd_loss
-
-    steps = len(x) // batch_size
-    if steps < 1:
-        raise ValueError(f"QAT needs at least one full batch: {len(x)} images for batch size {batch_size}")
-    if soft_targets is not None and soft_targets.shape[0] != len(x):
-        raise ValueError(f"soft_targets must hold one row of logits per image: {soft_targets.shape[0]} for {len(x)}")
-    if not 0.0 <= freeze_bn_at <= freeze_observers_at <= 1.0:
-        raise ValueError("need 0 <= freeze_bn_at <= freeze_observers_at <= 1 (fractions of the steps)")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.SGD([p for p in prepared.parameters() if p.requires_grad], lr=lr, momentum=0.9)
-    losses: list[float] = []
-    move_exported_model_to_train(prepared)
-    for step in range(steps):
-        if step == int(freeze_bn_at * steps):
-            move_exported_model_to_eval(prepared)
-        if step == int(freeze_observers_at * steps):
-            prepared.apply(disable_observer)
-        idx = order[step * batch_size : (step + 1) * batch_size]
-        logits = prepared(x[idx])
-        if soft_targets is None:
-            loss = F.cross_entropy(logits, y[idx])
-        else:
-            loss = kd_loss(logits, soft_targets[idx], y[idx], temperature=temperature, alpha=1.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    move_exported_model_to_eval(prepared)
-    return losses
-
-
-def loss_trend(losses: list[float], window: int = 10) -> tuple[float, float]:
-    """Mean loss of the first and of the last ``window`` steps (one batch's loss is too noisy to compare)."""
-    if not losses:
-        raise ValueError("no losses")
-    w = max(1, min(window, len(losses) // 2 or 1))
-    return sum(losses[:w]) / w, sum(losses[-w:]) / w
-
-
 def recovered(fp32: float, before: float, after: float) -> str:
     """What a fix (QAT, float layers) won back of the accuracy lost against fp32, as a phrase for a generated sentence.
 
@@ -506,62 +441,15 @@ def evenly_spaced(items: list[str], k: int | None) -> list[str]:
     return [items[round(i * step)] for i in range(k)]
 
 
-def drop_unused_attributes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Remove parameters and buffers the graph no longer reads (in place; returns ``gm``).
-
-    ``convert_pt2e`` folds each weight into a new INT8 constant but leaves the original fp32
-    parameter registered on the module; ``torch.export`` would save it too, and the "INT8" file would
-    be larger than the fp32 checkpoint (measured: 14.3 MB against 9.2 MB for the student).
-    """
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [k for k, _ in list(gm.named_parameters()) + list(gm.named_buffers())]:
-        if name not in used:
-            owner, _, attr = name.rpartition(".")
-            delattr(gm.get_submodule(owner) if owner else gm, attr)
-    gm.delete_all_unused_submodules()
-    return gm
+# Moved by concern (this module stays under 500 lines); ``quantize.qat_finetune`` and friends keep working.
+_MOVED = {"qat_finetune": "qat", "loss_trend": "qat", "drop_unused_attributes": "quantize_save",
+          "program_bytes": "quantize_save", "save_program": "quantize_save", "load_program": "quantize_save"}
 
 
-def program_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    """A converted (or any exportable) model as the bytes of ``torch.export.save`` -- the file you would ship.
+def __getattr__(name: str):
+    """The functions moved to :mod:`deploylab.qat` and :mod:`deploylab.quantize_save`, imported on first use."""
+    if name in _MOVED:
+        import importlib
 
-    Attributes the graph does not use (the fp32 originals of folded INT8 weights) are left out. The
-    program stores its example input, so it gets two images *copied*: a slice of a larger tensor would
-    be saved with that tensor's whole storage (the full test set: 41 MB in the workshop profile).
-    """
-    if isinstance(model, torch.fx.GraphModule):
-        model = drop_unused_attributes(copy.deepcopy(model))
-    if len(example) < 2:
-        raise ValueError("program_bytes needs an example batch of at least 2 images (batch 1 would be specialised)")
-    ep = torch.export.export(model, (example[:2].clone(),), dynamic_shapes=batch_dim())
-    buf = io.BytesIO()
-    torch.export.save(ep, buf)
-    return buf.getvalue()
-
-
-def save_program(model: nn.Module, example: torch.Tensor, folder: Path, name: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """Export ``model`` and save it as ``<name>.pt2`` plus ``<name>.json`` (sha256, profile, data hash, versions).
-
-    Written to temporary files and renamed; the metadata comes last, so it only ever describes a
-    complete program. Refuses the names of the course's fp32 checkpoints.
-    """
-    if name in ("teacher", "student"):
-        raise ValueError(f"{name!r} is the fp32 checkpoint's name; pick another (e.g. {name}_int8)")
-    folder = Path(folder)
-    pt2, js = folder / f"{name}.pt2", folder / f"{name}.json"
-    blob = program_bytes(model, example)
-    return artefacts.save(pt2, lambda tmp: tmp.write_bytes(blob), {"name": name, **meta}, js)
-
-
-def load_program(folder: Path, name: str, *, profile: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Load ``<name>.pt2`` saved by :func:`save_program` after checking its sha256, profile and data hash."""
-    folder = Path(folder)
-    pt2, js = folder / f"{name}.pt2", folder / f"{name}.json"
-    fix = "delete both files and re-run the quantization notebook (01_quantization) in this profile"
-    if not js.is_file() or not pt2.is_file():
-        raise QuantizationError(f"no complete quantized program {shown(pt2)} + {shown(js)}; {fix}")
-    meta = json.loads(js.read_text())
-    problems = artefacts.problems(pt2, meta, profile=profile)
-    if problems:
-        raise QuantizationError(f"refusing {shown(pt2)}: " + "; ".join(problems) + f". To fix: {fix}")
-    return torch.export.load(pt2).module(), meta
+        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
