@@ -4,6 +4,12 @@ Read from the lessons' records (``results/<profile>/*.json``, :func:`deploylab.r
 -- never typed in. :data:`CATALOGUE` names the variants of the course and where each lesson wrote it;
 a variant whose lesson has not been run in a profile is reported missing, never invented.
 
+Each row is one configuration, measured on one machine: a served variant's latency (one request at
+concurrency 1) and throughput (concurrency 32) come from the same server configuration, never the best of
+two; every row carries the machine its record was measured on (:func:`machine_label`), :func:`markdown`
+shows the rows of different machines apart, labelled, and :func:`pareto_rows` / :func:`qualifying`
+compare rows of one machine only.
+
 Plain functions, unit-tested; :mod:`deploylab.widgets` is only a thin interactive layer over
 :func:`qualifying`.
 """
@@ -27,12 +33,11 @@ TEST_SET_IMAGES = split_size("test")
 class Entry:
     """One variant of the course: its label and the records (lesson, variant) that describe it.
 
-    ``sources`` are tried in order (the first present wins). A served variant is measured at several
-    concurrencies, and a server can have several configurations (TorchServe with and without dynamic
-    batching, the custom server in one or two processes) of which none wins everywhere; so it takes
-    the best configuration at each concurrency: its latency (one request at concurrency 1) from the
-    present ``sources`` record with the lowest p50, its throughput from the present
-    ``throughput_sources`` record (concurrency 32) with the most images/s.
+    ``sources`` are tried in order (the first present wins). A served variant is one server
+    configuration (TorchServe with or without dynamic batching, the custom server in one or two
+    processes: each its own entry), measured at several concurrencies: its latency is the p50 of one
+    request at concurrency 1 (``sources``) and its throughput the images/s at concurrency 32
+    (``throughput_sources``) -- records of that same configuration, never a mix of two.
     """
 
     label: str
@@ -59,18 +64,17 @@ CATALOGUE: tuple[Entry, ...] = (
     Entry("student OpenVINO INT8 (NNCF)", "openvino", (("runtimes", "OpenVINO int8"),)),
     Entry("student AOTInductor fp32", "aotinductor", (("runtimes", "AOTInductor fp32"),)),
     Entry("student AOTInductor INT8", "aotinductor", (("runtimes", "AOTInductor int8"),)),
-    Entry("served: TorchServe", "served", (("torchserve", "student_b1 c1"), ("torchserve", "student c1")),
-          (("torchserve", "student c32"), ("torchserve", "student_b1 c32"))),
-    Entry("served: TorchServe (lesson 07 run)", "served",
-          (("end_to_end", "torchserve, no batching c1"), ("end_to_end", "torchserve c1")),
-          (("end_to_end", "torchserve c32"), ("end_to_end", "torchserve, no batching c32"))),
-    Entry("served: custom ASGI server", "served",
-          (("end_to_end", "custom server c1"), ("end_to_end", "custom server, 2 processes c1")),
-          (("end_to_end", "custom server c32"), ("end_to_end", "custom server, 2 processes c32"))),
-    Entry("served: serverless function", "served", (("end_to_end", "serverless c1"),), (("end_to_end", "serverless c32"),)),
-    Entry("served: LitServe", "served", (("end_to_end", "litserve c1"),), (("end_to_end", "litserve c32"),)),
-    Entry("served: Ray Serve, 1 replica", "served", (("scale_out", "ray serve, 1 replica(s) c1"),),
-          (("scale_out", "ray serve, 1 replica(s) c32"),)),
+    *(Entry(label, "served", ((lesson, f"{config} c1"),), ((lesson, f"{config} c32"),)) for label, lesson, config in (
+        ("served: TorchServe", "torchserve", "student"),  # lesson 05: dynamic batching
+        ("served: TorchServe, no batching", "torchserve", "student_b1"),
+        ("served: TorchServe (lesson 07 run)", "end_to_end", "torchserve"),
+        ("served: TorchServe, no batching (lesson 07 run)", "end_to_end", "torchserve, no batching"),
+        ("served: custom ASGI server", "end_to_end", "custom server"),
+        ("served: custom ASGI server, 2 processes", "end_to_end", "custom server, 2 processes"),
+        ("served: serverless function", "end_to_end", "serverless"),
+        ("served: LitServe", "end_to_end", "litserve"),
+        ("served: Ray Serve, 1 replica", "scale_out", "ray serve, 1 replica(s)"),
+    )),
 )
 
 # The row lessons 05-08 serve: `deployable.student_onnx` exports the shipped student (models/student.pt) to ONNX.
@@ -92,6 +96,7 @@ class Row:
     images_per_s: float | None  # at batch 32, or served at concurrency 32
     size_bytes: int | None
     source: str  # "lesson/variant" of the record(s)
+    machine: str | None = None  # the machine it was measured on (:func:`machine_label`); None: the record does not say
 
     def latency(self, batch_size: int) -> float | None:
         """p50 latency (ms) of a call at ``batch_size`` (1 or 32)."""
@@ -113,6 +118,34 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def machine_label(hardware: dict[str, Any] | None) -> str | None:
+    """The machine a record was measured on, as one label: CPU model, architecture, the ISA PyTorch's
+    kernels use and the vector/matrix extensions that decide INT8 and bf16 speed (from
+    :func:`deploylab.hardware.hardware_report`). None when there is no hardware report."""
+    if not hardware:
+        return None
+    flags = [f for f, on in (hardware.get("cpu_flags") or {}).items() if on]
+    return (f"{hardware.get('cpu', '?')} ({hardware.get('machine', '?')}, {hardware.get('torch_cpu_capability', '?')} kernels"
+            + (f"; {', '.join(flags)}" if flags else "") + ")")
+
+
+def machines(rows: Sequence[Row]) -> list[str | None]:
+    """The machines of ``rows``, in the order they first appear."""
+    return list(dict.fromkeys(r.machine for r in rows))
+
+
+def on_machine(rows: Sequence[Row], machine: str | None) -> list[Row]:
+    """The rows measured on ``machine`` (a :func:`machine_label`)."""
+    return [r for r in rows if r.machine == machine]
+
+
+def _one_machine(rows: Sequence[Row], what: str) -> None:
+    found = machines(rows)
+    if len(found) > 1:
+        raise ValueError(f"{what} compares rows of one machine; these come from {len(found)}: "
+                         + "; ".join(str(m) for m in found) + " -- pick one with decision.on_machine(rows, machine)")
 
 
 def _index(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -148,19 +181,19 @@ def build_rows(records: Sequence[dict[str, Any]], catalogue: Sequence[Entry] = C
         if not present:
             missing.append(f"{entry.label} (needs {' or '.join(f'{lesson}.json: {v!r}' for lesson, v in entry.sources)})")
             continue
-        if entry.kind == "served":  # the best configuration at each concurrency (see Entry)
-            key = min(present, key=lambda k: _p50(idx[k], "1") if _p50(idx[k], "1") is not None else math.inf)
-            thr_keys = [k for k in entry.throughput_sources if k in idx]
-            thr_key = max(thr_keys, key=lambda k: idx[k].get("throughput", {}).get("1") or 0.0) if thr_keys else None
-            rec = idx[key]
+        key = present[0]
+        rec = idx[key]
+        machine = machine_label(rec.get("hardware"))
+        if entry.kind == "served":  # one configuration: concurrency 1 for the latency, 32 for the throughput
+            thr_key = next((k for k in entry.throughput_sources if k in idx), None)
+            if thr_key is not None and machine_label(idx[thr_key].get("hardware")) != machine:
+                thr_key = None  # measured on another machine: not this row's throughput
             thr = idx[thr_key].get("throughput", {}).get("1") if thr_key else None
             rows.append(Row(entry.label, entry.kind, rec.get("accuracy"), accuracy_images(rec), _p50(rec, "1"), None, thr,
-                            rec.get("size_bytes"), f"{key[0]}/{key[1]}" + (f" + {thr_key[1]}" if thr_key else "")))
+                            rec.get("size_bytes"), f"{key[0]}/{key[1]}" + (f" + {thr_key[1]}" if thr_key else ""), machine))
         else:
-            key = present[0]
-            rec = idx[key]
             rows.append(Row(entry.label, entry.kind, rec.get("accuracy"), accuracy_images(rec), _p50(rec, "1"), _p50(rec, "32"),
-                            rec.get("throughput", {}).get("32"), rec.get("size_bytes"), f"{key[0]}/{key[1]}"))
+                            rec.get("throughput", {}).get("32"), rec.get("size_bytes"), f"{key[0]}/{key[1]}", machine))
     return rows, missing
 
 
@@ -182,16 +215,25 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
 
 
 def pareto_rows(rows: Sequence[Row], batch_size: int = 1) -> list[tuple[Row, bool]]:
-    """The rows that have accuracy and latency at ``batch_size``, each with its Pareto flag."""
+    """The rows that have accuracy and latency at ``batch_size``, each with its Pareto flag.
+
+    Rows of different machines are never compared: each row's flag says whether it is on the front of
+    its own machine's rows."""
     usable = [r for r in rows if r.accuracy is not None and r.latency(batch_size) is not None]
-    flags = pareto_front([(r.latency(batch_size), r.accuracy) for r in usable])
-    return list(zip(usable, flags))
+    flag_of: dict[int, bool] = {}
+    for machine in machines(usable):
+        group = [i for i, r in enumerate(usable) if r.machine == machine]
+        flags = pareto_front([(usable[i].latency(batch_size), usable[i].accuracy) for i in group])
+        flag_of.update(zip(group, flags))
+    return [(r, flag_of[i]) for i, r in enumerate(usable)]
 
 
 def qualifying(rows: Sequence[Row], *, latency_budget_ms: float, min_accuracy: float, batch_size: int = 1) -> list[Row]:
     """The variants whose p50 latency at ``batch_size`` fits the budget and whose accuracy reaches the
     minimum (a fraction), fastest first. Variants not measured at that batch size, or without an
-    accuracy, do not qualify: an unknown is not a yes."""
+    accuracy, do not qualify: an unknown is not a yes. The rows must come from one machine
+    (:func:`on_machine`): a latency from one CPU does not rank against another CPU's."""
+    _one_machine(rows, "qualifying")
     if latency_budget_ms <= 0:
         raise ValueError(f"latency_budget_ms must be > 0, got {latency_budget_ms}")
     if not 0.0 <= min_accuracy <= 1.0:
@@ -202,9 +244,19 @@ def qualifying(rows: Sequence[Row], *, latency_budget_ms: float, min_accuracy: f
 
 
 def markdown(rows: Sequence[Row]) -> str:
-    """A Markdown table of rows (readable units)."""
-    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        d = r.display()
-        out.append("| " + " | ".join(str(d[c]) for c in COLUMNS) + " |")
-    return "\n".join(out)
+    """A Markdown table of rows (readable units); rows of more than one machine as one table per
+    machine, each under the machine's label, so that no column mixes two CPUs."""
+    def table(group: Sequence[Row]) -> str:
+        out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        for r in group:
+            d = r.display()
+            out.append("| " + " | ".join(str(d[c]) for c in COLUMNS) + " |")
+        return "\n".join(out)
+
+    found = machines(rows)
+    if len(found) <= 1:
+        return table(rows)
+    parts = [f"**{len(found)} machines**: each table holds one machine's rows; the tables do not compare with each other."]
+    for machine in found:
+        parts += [f"Measured on {machine or 'a machine the records do not name'}:", table(on_machine(rows, machine))]
+    return "\n\n".join(parts)

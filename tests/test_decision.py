@@ -47,16 +47,57 @@ def test_rows_from_records_and_missing_variants_named():
     assert len(rows) + len(missing) == len(decision.CATALOGUE)
 
 
-def test_a_served_variant_takes_the_best_configuration_at_each_concurrency():
-    """TorchServe without batching answers one request faster, with batching it serves more under load:
-    the row takes the no-batching p50 at concurrency 1 and the batching images/s at 32, and says so."""
+def test_each_served_row_is_one_configuration():
+    """TorchServe without batching answers one request faster, with batching it serves more under load: each
+    configuration is its own row, its latency (concurrency 1) and throughput (concurrency 32) both its own --
+    never the no-batching p50 beside the batching images/s."""
     recs = [_rec("torchserve", "student c1", 0.90, b1=14.0, thr1=70.0), _rec("torchserve", "student c32", 0.90, b1=50.0, thr1=550.0),
             _rec("torchserve", "student_b1 c1", 0.90, b1=3.0, thr1=260.0), _rec("torchserve", "student_b1 c32", 0.90, b1=65.0, thr1=440.0)]
-    row = {r.variant: r for r in decision.build_rows(recs)[0]}["served: TorchServe"]
-    assert (row.p50_ms_b1, row.images_per_s) == (3.0, 550.0)
-    assert row.source == "torchserve/student_b1 c1 + student c32"
-    only_batched = {r.variant: r for r in decision.build_rows(recs[:2])[0]}["served: TorchServe"]
-    assert (only_batched.p50_ms_b1, only_batched.images_per_s) == (14.0, 550.0)
+    by = {r.variant: r for r in decision.build_rows(recs)[0]}
+    assert (by["served: TorchServe"].p50_ms_b1, by["served: TorchServe"].images_per_s) == (14.0, 550.0)
+    assert by["served: TorchServe"].source == "torchserve/student c1 + student c32"
+    b1 = by["served: TorchServe, no batching"]
+    assert (b1.p50_ms_b1, b1.images_per_s, b1.source) == (3.0, 440.0, "torchserve/student_b1 c1 + student_b1 c32")
+    only_batched = {r.variant: r for r in decision.build_rows(recs[:2])[0]}
+    assert "served: TorchServe, no batching" not in only_batched
+    # every served entry reads concurrency 1 and 32 of one configuration: the same name before " c1" / " c32"
+    for e in decision.CATALOGUE:
+        if e.kind == "served":
+            assert [v.rsplit(" c", 1)[0] for _, v in e.sources] == [v.rsplit(" c", 1)[0] for _, v in e.throughput_sources]
+
+
+def _on(rec, cpu, isa="AVX2"):
+    return {**rec, "hardware": {"cpu": cpu, "machine": "x86_64", "torch_cpu_capability": isa, "cpu_flags": {"avx2": True}}}
+
+
+def test_rows_carry_their_machine_and_are_never_compared_across_machines():
+    recs = [_on(r, "EPYC") if r["lesson"] == "onnx" else _on(r, "Xeon", "AVX512") for r in RECORDS]
+    rows, _ = decision.build_rows(recs)
+    by = {r.variant: r for r in rows}
+    assert by["student ONNX fp32"].machine == "EPYC (x86_64, AVX2 kernels; avx2)"
+    assert by["teacher fp32 (ResNet50)"].machine == "Xeon (x86_64, AVX512 kernels; avx2)"
+    assert decision.machines(rows) == ["Xeon (x86_64, AVX512 kernels; avx2)", "EPYC (x86_64, AVX2 kernels; avx2)"]
+    # the table: one per machine, each labelled
+    md = decision.markdown(rows)
+    assert md.startswith("**2 machines**") and "Measured on EPYC (x86_64, AVX2 kernels; avx2):" in md
+    assert md.count("| variant |") == 2
+    epyc_part = md.split("Measured on EPYC")[1]
+    assert "student ONNX INT8" in epyc_part and "teacher fp32" not in epyc_part
+    # the filter refuses to rank two machines' latencies; per machine it works
+    with pytest.raises(ValueError, match="one machine"):
+        decision.qualifying(rows, latency_budget_ms=5.0, min_accuracy=0.0)
+    epyc = decision.on_machine(rows, "EPYC (x86_64, AVX2 kernels; avx2)")
+    assert [r.variant for r in decision.qualifying(epyc, latency_budget_ms=5.0, min_accuracy=0.0)] == \
+        ["student ONNX INT8", "student ONNX fp32"]
+    # the Pareto front of each machine on its own: the ONNX rows would dominate the Xeon's, but they are not compared
+    flags = {r.variant: on for r, on in decision.pareto_rows(rows, 1)}
+    assert flags["teacher fp32 (ResNet50)"] and flags["student distilled"]
+    # a served row never takes its throughput from another machine's record
+    served = [_on(_rec("torchserve", "student c1", 0.9, b1=10.0, thr1=90.0), "Xeon"),
+              _on(_rec("torchserve", "student c32", 0.9, b1=50.0, thr1=600.0), "EPYC")]
+    row = {r.variant: r for r in decision.build_rows(served)[0]}["served: TorchServe"]
+    assert row.images_per_s is None and row.source == "torchserve/student c1"
+    assert decision.machine_label(None) is None and decision.build_rows(RECORDS)[0][0].machine is None
 
 
 def test_accuracy_images_from_the_record_or_its_profile():
