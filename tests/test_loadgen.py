@@ -107,3 +107,24 @@ def test_a_recorded_closed_loop_keeps_each_request_refusals_and_answers_and_stop
     stopped = loadgen.closed_loop("127.0.0.1", server.port, requests, connections=4, seconds=30, record=True, progress=False,
                                   during=lambda elapsed: calls.append(elapsed) or elapsed > 0.3)
     assert stopped.seconds < 2 and len(calls) >= 5 and stopped.ok == stopped.sent > 0, stopped.summary()
+
+
+def test_server_search_stops_at_its_resolution_and_reports_its_bracket(monkeypatch):
+    """The search logic alone (a server whose p99 crosses the SLO at 1,000 requests/s): it stops once the highest
+    rate met and the lowest missed are within 5%, and the bracket names both."""
+    from types import SimpleNamespace
+
+    from deploylab.serving import scenarios
+
+    def fake_open_loop(host, port, requests, *, rate, count, **kwargs):
+        p99 = 10.0 if rate <= 1000 else 80.0
+        return SimpleNamespace(ok=count, sent=count, achieved_rate=rate, offered_rate=rate,
+                               percentiles_ms=lambda: {"p50": 5.0, "p99": p99, "n": count})
+
+    monkeypatch.setattr(scenarios, "open_loop", fake_open_loop)
+    search = scenarios.server_capacity("127.0.0.1", 1, [b""], slo_ms=50, low=100, high=2400, seconds=1, steps=20)
+    low, high = search.bracket
+    assert low <= 1000 < high <= low * 1.05
+    assert len(search.trials) <= 2 + 7  # log2(ln 24 / ln 1.05) = 6.02 bisections, not all 20
+    coarse = scenarios.server_capacity("127.0.0.1", 1, [b""], slo_ms=50, low=100, high=2400, seconds=1, steps=2)
+    assert coarse.bracket[1] > coarse.bracket[0] * 1.5  # two steps leave a wide bracket, and it says so

@@ -40,13 +40,13 @@ class ScenarioSizes:
     offline_seconds: float  # the Offline run
     trial_seconds: float  # each trial of the Server search
     min_samples: int  # at least this many requests behind each trial's p99
-    steps: int  # bisection steps of the Server search after its two bounds
+    steps: int  # at most this many bisection steps of the Server search after its two bounds (it stops at 5%)
 
 
 SIZES: dict[str, ScenarioSizes] = {
     "smoke": ScenarioSizes(single_stream=40, offline_seconds=0.6, trial_seconds=0.3, min_samples=80, steps=2),
-    "workshop": ScenarioSizes(single_stream=1_000, offline_seconds=3.0, trial_seconds=1.5, min_samples=600, steps=4),
-    "full": ScenarioSizes(single_stream=3_000, offline_seconds=10.0, trial_seconds=5.0, min_samples=3_000, steps=6),
+    "workshop": ScenarioSizes(single_stream=1_000, offline_seconds=3.0, trial_seconds=1.5, min_samples=600, steps=7),
+    "full": ScenarioSizes(single_stream=3_000, offline_seconds=10.0, trial_seconds=5.0, min_samples=3_000, steps=8),
 }
 
 
@@ -88,6 +88,14 @@ class ServerScenario:
         """The highest offered rate (requests/s) that met the SLO; 0 if none did."""
         return (self.best.offered_rate or 0.0) if self.best else 0.0
 
+    @property
+    def bracket(self) -> tuple[float, float | None]:
+        """(capacity, the lowest rate above it that missed, or None): the capacity is known to within this pair,
+        so two capacities whose brackets overlap are not told apart by the search."""
+        above = [t.offered_rate or 0.0 for t in self.trials
+                 if (t.offered_rate or 0.0) > self.capacity and not self.met(t, self.slo_ms)]
+        return self.capacity, (min(above) if above else None)
+
     def table(self) -> list[dict[str, float | str]]:
         """One row per trial, by offered rate: achieved rate, percentiles with their sample count, met or not."""
         rows = []
@@ -100,12 +108,16 @@ class ServerScenario:
 
 
 def server_capacity(host: str, port: int, requests: Sequence[bytes], *, slo_ms: float, low: float, high: float,
-                    seconds: float, min_samples: int = 500, steps: int = 6, **kwargs) -> ServerScenario:
+                    seconds: float, min_samples: int = 500, steps: int = 6, resolution: float = 0.05,
+                    **kwargs) -> ServerScenario:
     """Server scenario: bisect offered rates between ``low`` and ``high`` (requests/s) for the highest
     whose p99 latency is within ``slo_ms``.
 
     Each trial runs ``seconds`` or ``min_samples`` requests, whichever is more (a p99 needs samples:
     with 500, five requests lie above it). ``high`` is tried first: if it meets the SLO, it is the answer.
+    The bisection stops once the highest rate met and the lowest missed are within ``resolution`` of each
+    other, or after ``steps`` steps: :attr:`ServerScenario.bracket` says how close it got (a coarse search
+    gives the same few rates in every round, and differences smaller than its step read as ties).
     """
     if not 0 < low < high:
         raise ValueError(f"need 0 < low < high, got {low}, {high}")
@@ -122,6 +134,8 @@ def server_capacity(host: str, port: int, requests: Sequence[bytes], *, slo_ms: 
     if not trial(low):
         return search
     for _ in range(steps):
+        if high <= low * (1 + resolution):
+            break
         mid = math.sqrt(low * high)  # geometric: rates span an order of magnitude
         if trial(mid):
             low = mid
