@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # exercise name -> the module of this package that defines it
-MODULES = {"worst_class": "baseline", "most_sensitive_layer": "quantization", "least_pruned_layer": "pruning",
+MODULES = {"interleaved_timing": "baseline", "most_sensitive_layer": "quantization", "least_pruned_layer": "pruning",
            "dark_knowledge": "distillation", "portable_graph": "onnx_export", "jpeg_disagreements": "serving",
            "docker_run_args": "container", "cheap_and_good": "decision", "replicas_for_target": "scale_out",
            "answers_before_rollback": "rollout",
