@@ -277,3 +277,22 @@ def test_build_app_reads_the_key_from_the_environment(onnx_path, monkeypatch):
     monkeypatch.delenv(ray_serve.KEY_ENV)
     with pytest.raises(ServeError, match="no bearer key"):
         ray_serve.read_key(None)
+
+
+def test_the_driver_prints_no_raylet_message_and_no_colour_code(monkeypatch, capsys):
+    """Ray's error listener prints the raylet's messages (a killed worker...) with ANSI codes whatever
+    log_to_driver says; the cluster switches that printing off while it runs, and back on when it stops."""
+    import ray
+
+    from deploylab.serving import ray_cluster
+
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
+    monkeypatch.setattr(ray._private.worker, "_worker_logs_enabled", True)
+    message = {"lines": ["A worker died or was killed while executing a task"], "pid": "raylet", "is_err": False}
+    ray_cluster.quiet_driver()
+    ray._private.worker.print_worker_logs(message, sys.stdout)
+    assert capsys.readouterr().out == ""
+    ray_cluster.quiet_driver(False)
+    ray._private.worker.print_worker_logs(message, sys.stdout)
+    out = capsys.readouterr().out
+    assert "A worker died" in out and "\x1b[" not in out  # printed again, without colour codes

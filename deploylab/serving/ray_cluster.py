@@ -40,6 +40,19 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
 EXIT_TIMEOUT_S = 0.5  # at exit or on SIGTERM: a kernel being shut down is killed ~2.5 s after its SIGTERM
 
 
+def quiet_driver(quiet: bool = True) -> None:
+    """Keep Ray's messages out of the driver's output (a notebook's cells), or let them through again.
+
+    ``ray.init(log_to_driver=False)`` stops the workers' stdout and stderr, but not the error listener every
+    driver runs: it prints the raylet's messages (a worker that died, a task retried while Serve shuts
+    down) with ANSI colour codes, whatever ``log_to_driver`` says. The lesson reports what happened in
+    its own words (a killed replica, its replacement), and each node's log under the cluster's temp dir
+    keeps Ray's. Ray's own debugger (``ray.util.rpdb``) switches the driver's printing off the same way.
+    """
+    os.environ["RAY_COLOR_PREFIX"] = "0"  # if anything is printed after all: no colour codes
+    ray._private.worker._worker_logs_enabled = not quiet
+
+
 def _ray_command() -> str:
     ray_bin = Path(sys.executable).with_name("ray")
     return str(ray_bin) if ray_bin.exists() else shutil.which("ray") or "ray"
@@ -109,6 +122,7 @@ class RayCluster:
                 if i == 0:
                     node.wait_until(lambda: port_in_use(self.port), self.start_timeout_s, poll_s=0.2)
             ray.init(address=self.address, log_to_driver=False, logging_level="WARNING", configure_logging=True)
+            quiet_driver()
             processes.stop_on_sigterm()  # ray.init replaced the kit's SIGTERM handler with its own: the kit's first again
             self.node_processes[0].wait_until(lambda: len(self.alive_nodes()) >= self.nodes, self.start_timeout_s, poll_s=0.2)
         except BaseException:
@@ -140,6 +154,7 @@ class RayCluster:
         """
         with contextlib.suppress(Exception):
             ray.shutdown()
+        quiet_driver(False)
         leftovers = []
         for node in reversed(self.node_processes):
             try:
