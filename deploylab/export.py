@@ -57,9 +57,9 @@ class ParityError(ExportError):
 class ExportSizes:
     """Lesson-04 sizes per profile. ``None`` means the profile's whole test set.
 
-    The teacher (ResNet50) runs at roughly 50 images/s in ONNX Runtime on 2 CPU cores, and it is
-    evaluated twice (fp32 and INT8): in ``workshop`` it is checked on a fixed subset to keep the
-    lesson under 10 minutes; the student is always checked on the whole (profile's) test set.
+    The teacher (ResNet50) is evaluated twice (fp32 and INT8); ``smoke`` checks it on a fixed subset
+    to keep the lesson short, ``workshop`` and ``full`` on every test image (lesson 04 prints the rate
+    it was checked at); the student is always checked on the whole (profile's) test set.
     """
 
     student_eval_images: int | None
@@ -234,6 +234,20 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "ir_version": model.ir_version,
     }
+
+
+def nonstandard_ops(path: str | os.PathLike) -> dict[str, int]:
+    """Operators of the graph outside the ONNX standard (``domain.op_type`` -> count), e.g. ONNX Runtime's
+    own ``com.microsoft`` contrib ops (QOperator's ``QLinearAdd``, fused ``FusedConv``) or the CPU-layout
+    ``com.microsoft.nchwc`` ops of ``ENABLE_ALL``: a graph that holds any runs in ONNX Runtime only."""
+    import onnx
+
+    ops: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            key = f"{node.domain}.{node.op_type}"
+            ops[key] = ops.get(key, 0) + 1
+    return dict(sorted(ops.items()))
 
 
 # --------------------------------------------------------------------------------------------

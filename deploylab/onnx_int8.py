@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,3 +137,47 @@ def quantize_int8(
     if calibration.batches_read == 0:
         raise QuantizationError("quantize_static read no calibration batch; the INT8 ranges would be meaningless")
     return out_path
+
+
+@dataclass(frozen=True)
+class RoundsComparison:
+    """Two variants timed in the same interleaved rounds: the per-round differences ``a - b`` (ms).
+
+    A difference counts as beyond noise only when every round agrees on its sign and there are
+    enough rounds for that to be unlikely by chance (a two-sided sign test: ``2 / 2**rounds <= 0.05``,
+    so at least 6 rounds); otherwise it is *within noise*, however large the median looks.
+    """
+
+    a: str
+    b: str
+    differences: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.differences))
+
+    @property
+    def p_value(self) -> float:
+        """Two-sided sign test for "every round agrees" (1.0 when they do not all agree)."""
+        d = self.differences
+        same = all(x > 0 for x in d) or all(x < 0 for x in d)
+        return min(1.0, 2 * 0.5 ** len(d)) if same else 1.0
+
+    @property
+    def beyond_noise(self) -> bool:
+        return self.p_value <= 0.05
+
+    def verdict(self) -> str:
+        lo, hi = min(self.differences), max(self.differences)
+        span = f"{len(self.differences)} rounds, {self.a} - {self.b} from {lo:+.3f} to {hi:+.3f} ms (median {self.median:+.3f})"
+        if not self.beyond_noise:
+            return f"within noise ({span}: the rounds do not all agree, or are too few)"
+        faster = self.b if self.median > 0 else self.a
+        return f"{faster} faster beyond noise ({span}; sign test p = {self.p_value:.3f})"
+
+
+def compare_rounds(a: str, a_ms: Sequence[float], b: str, b_ms: Sequence[float]) -> RoundsComparison:
+    """Pair the per-round latencies (ms) of ``a`` and ``b``, measured in the same rounds."""
+    if len(a_ms) != len(b_ms) or not len(a_ms):
+        raise ValueError(f"need the same, non-zero number of rounds for both, got {len(a_ms)} and {len(b_ms)}")
+    return RoundsComparison(a, b, tuple(float(x) - float(y) for x, y in zip(a_ms, b_ms)))

@@ -232,3 +232,36 @@ def test_stale_export_is_refused(tmp_dirs, exported):
     models.save_checkpoint(nn.Linear(2, 2), folder, "student", {"arch": "tiny", "profile": "smoke"})  # "retrained"
     with pytest.raises(export.ExportError, match="has been replaced"):
         export.load_exported(path, profile=p)
+
+
+def test_nonstandard_ops_lists_contrib_operators_only(tmp_path):
+    """A graph with ONNX Runtime's own operators (QOperator's QLinearAdd, the nchwc layouts) is flagged; a standard one is not."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("Gelu", ["a"], ["b"], domain="com.microsoft"),
+             helper.make_node("Gelu", ["b"], ["y"], domain="com.microsoft")]
+    graph = helper.make_graph(nodes, "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, tmp_path / "contrib.onnx")
+    assert export.nonstandard_ops(tmp_path / "contrib.onnx") == {"com.microsoft.Gelu": 2}
+    standard = helper.make_model(helper.make_graph(nodes[:1], "g", [x], [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4])]),
+                                 opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(standard, tmp_path / "standard.onnx")
+    assert export.nonstandard_ops(tmp_path / "standard.onnx") == {}
+
+
+def test_compare_rounds_calls_a_difference_within_noise_unless_every_round_agrees():
+    """Lesson 04's choice between INT8 files: beyond noise only when all (>= 6) paired rounds agree on the sign."""
+    agree = onnx_int8.compare_rounds("qdq", [1.64, 1.70, 1.66, 1.65, 1.69, 1.67, 1.66], "qop", [1.58, 1.60, 1.59, 1.60, 1.61, 1.62, 1.60])
+    assert agree.beyond_noise and agree.p_value == pytest.approx(2 / 2**7) and agree.median > 0
+    assert agree.verdict().startswith("qop faster beyond noise")
+    mixed = onnx_int8.compare_rounds("qdq", [1.64, 1.58, 1.66, 1.55, 1.69, 1.57, 1.66], "qop", [1.58, 1.60, 1.59, 1.60, 1.61, 1.62, 1.60])
+    assert not mixed.beyond_noise and mixed.verdict().startswith("within noise")
+    too_few = onnx_int8.compare_rounds("a", [2.0] * 5, "b", [1.0] * 5)  # all agree, but 2 / 2**5 > 0.05
+    assert not too_few.beyond_noise
+    with pytest.raises(ValueError):
+        onnx_int8.compare_rounds("a", [1.0, 2.0], "b", [1.0])
