@@ -142,3 +142,22 @@ def plot_sensitivity(scan: Mapping[str, Mapping[float, stats.Score]], baseline: 
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on training images ``x``, in place; returns ``model`` in eval mode.
+
+    Removing channels changes what each BatchNorm sees, so its stored mean and variance no longer fit:
+    a few forward passes in train mode (no gradient, no weight update, ``momentum=None``: a plain
+    average over the batches) are the cheapest recovery after pruning, seconds instead of a fine-tune.
+    The images are training images: this is part of making the model, not of scoring it.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for xb in x.split(batch_size):
+            model(xb)
+    return model.eval()

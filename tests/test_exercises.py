@@ -72,11 +72,11 @@ def test_unknown_exercise_and_missing_answers_are_clear_errors():
     with pytest.raises(KeyError, match="known"):
         exercises.get("no such exercise")
     with pytest.raises(TypeError, match="missing"):
-        exercises.check("dark_knowledge", {}, teacher_logits=None, labels=None)
+        exercises.check("semi_supervised_loss", {}, student_logits=None, teacher_logits=None, labels=None, has_label=None)
 
 
 def test_show_solution_prints_code_without_running_it(capsys):
-    exercises.show_solution("dark_knowledge")
+    exercises.show_solution("semi_supervised_loss")
     assert "def solution" in capsys.readouterr().out
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 # exercise name -> the module of this package that defines it
-MODULES = {"interleaved_timing": "baseline", "most_sensitive_layer": "quantization", "least_pruned_layer": "pruning",
-           "dark_knowledge": "distillation", "portable_graph": "onnx_export", "jpeg_disagreements": "serving",
+MODULES = {"interleaved_timing": "baseline", "accuracy_budget": "quantization", "prune_to_mac_budget": "pruning",
+           "semi_supervised_loss": "distillation", "portable_graph": "onnx_export", "jpeg_disagreements": "serving",
            "docker_run_args": "container", "cheap_and_good": "decision", "replicas_for_target": "scale_out",
            "answers_before_rollback": "rollout",
            "budget_burn": "monitoring",
