@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Profile, get_profile
+from .machine_load import measure_quietly
 from .tables import markdown_table
 
 BATCH_SIZES = (1, 32)
@@ -115,7 +116,9 @@ def compare_latency(
     """Latency of every variant at every batch size, measured in interleaved rounds.
 
     For each batch size: every variant is warmed up, then ``rounds`` times each variant in turn
-    is timed for ``repeats`` calls. Counts default to the profile's. ``threads`` (if given) is set
+    is timed for ``repeats`` calls. Counts default to the profile's. A run during which other processes
+    took more than :data:`~deploylab.machine_load.BUSY_SHARE` of the CPU is run again, and labelled if
+    the machine stays busy (:func:`~deploylab.machine_load.measure_quietly`). ``threads`` (if given) is set
     with ``torch.set_num_threads`` before measuring; callers of other runtimes (ONNX Runtime) set
     theirs in the session options.
     """
@@ -130,18 +133,21 @@ def compare_latency(
     if threads is not None:
         torch.set_num_threads(threads)
     fns = {name: as_callable(v) for name, v in variants.items()}
-    samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in inputs} for name in fns}
-    total = len(inputs) * rounds * len(fns)
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc="benchmark", unit="run", disable=not progress) as bar:
-        for b, x in inputs.items():
-            for fn in fns.values():
-                _time_calls(fn, x, warmup)
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    samples[name][b].extend(_time_calls(fn, x, repeats))
-                    bar.update(1)
+    def measure() -> dict[str, dict[int, list[float]]]:
+        samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in inputs} for name in fns}
+        with tqdm(total=len(inputs) * rounds * len(fns), desc="benchmark", unit="run", disable=not progress, leave=False) as bar:
+            for b, x in inputs.items():
+                for fn in fns.values():
+                    _time_calls(fn, x, warmup)
+                for _ in range(rounds):
+                    for name, fn in fns.items():
+                        samples[name][b].extend(_time_calls(fn, x, repeats))
+                        bar.update(1)
+        return samples
+
+    samples, _ = measure_quietly(measure)  # measured again if other work took the cores meanwhile, else labelled
     return {name: {b: latency_percentiles(s, b) for b, s in per.items()} for name, per in samples.items()}
 
 

@@ -40,6 +40,7 @@ import torch
 from .. import artefacts, bench, config
 from ..config import Profile
 from ..files import atomic_write_json
+from ..machine_load import measure_quietly
 
 
 @dataclass(frozen=True)
@@ -145,18 +146,24 @@ def interleaved(
     Per batch size: every variant is warmed up, then ``rounds`` times each variant in turn runs
     ``repeats`` timed calls (:func:`deploylab.bench.compare_latency` does the same but keeps no
     per-round figures; the spread of the round medians is what says whether a ratio is real).
+    A run on a busy machine is measured again, or labelled (:func:`deploylab.machine_load.measure_quietly`).
     """
     if not variants or rounds < 1 or repeats < 1:
         raise ValueError("need at least one variant, one round and one repeat")
-    samples: dict[str, dict[int, list[list[float]]]] = {n: {b: [] for b in inputs} for n in variants}
-    for b, x in inputs.items():
-        for fn in variants.values():
-            bench._time_calls(fn, x, warmup)
-        for r in range(rounds):
-            for name, fn in variants.items():
-                samples[name][b].append(bench._time_calls(fn, x, repeats))
-            if progress:
-                progress(f"batch {b}: round {r + 1} of {rounds}")
+
+    def measure() -> dict[str, dict[int, list[list[float]]]]:
+        samples: dict[str, dict[int, list[list[float]]]] = {n: {b: [] for b in inputs} for n in variants}
+        for b, x in inputs.items():
+            for fn in variants.values():
+                bench._time_calls(fn, x, warmup)
+            for r in range(rounds):
+                for name, fn in variants.items():
+                    samples[name][b].append(bench._time_calls(fn, x, repeats))
+                if progress:
+                    progress(f"batch {b}: round {r + 1} of {rounds}")
+        return samples
+
+    samples, _ = measure_quietly(measure)  # measured again if other work took the cores meanwhile, else labelled
     return {name: {b: Timing(b, bench.latency_percentiles([s for rnd in per for s in rnd], b),
                              tuple(statistics.median(rnd) for rnd in per))
                    for b, per in by_b.items()} for name, by_b in samples.items()}
