@@ -240,8 +240,9 @@ def needs_reduce_range(flags: dict[str, bool]) -> bool:
 
     Without VNNI, two uint8 x int8 products are added in 16 bits: 2 x 255 x 127 = 64,770 overflows
     int16 (max 32,767) and saturates; with 7-bit activations, 2 x 127 x 127 = 32,258 fits.
-    torchao's ``get_default_x86_inductor_quantization_config`` documents the same advice, and lesson
-    04 applies it to ONNX Runtime.
+    torchao's ``get_default_x86_inductor_quantization_config`` documents the same advice. Lesson 04's
+    ONNX Runtime has a flag of the same name that narrows the *weights* to 7 bits instead: same reason
+    (16-bit sums), different tensor.
     """
     return not any(flags.get(f) for f in VNNI_FLAGS)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # exercise name -> the module of this package that defines it
-MODULES = {"interleaved_timing": "baseline", "most_sensitive_layer": "quantization", "prune_to_mac_budget": "pruning",
+MODULES = {"interleaved_timing": "baseline", "accuracy_budget": "quantization", "prune_to_mac_budget": "pruning",
            "semi_supervised_loss": "distillation", "portable_graph": "onnx_export", "jpeg_disagreements": "serving",
            "docker_run_args": "container", "cheap_and_good": "decision", "replicas_for_target": "scale_out",
            "answers_before_rollback": "rollout",
