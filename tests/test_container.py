@@ -139,3 +139,14 @@ def test_lock_versions_are_the_lock_files_pins():
     assert set(got) == {"torch", "onnxruntime", "torchserve", "numpy"} and all(got[p] == pins[p] for p in got)
     with pytest.raises(engine.ContainerError, match="no-such-package"):
         docker_build.lock_versions(("torch", "no-such-package"))
+
+
+def test_build_result_carries_the_command_as_run():
+    """Lesson 06 prints the `docker build` argument list that ran (BuildResult.argv), not a string written by hand."""
+    import dataclasses
+    from pathlib import Path
+
+    fields = {f.name: f.default for f in dataclasses.fields(docker_build.BuildResult)}
+    assert fields["argv"] == ()
+    r = docker_build.BuildResult("t:x", "sha256:0", 1.0, 2, 1, 10, Path("build/x.log"), ("docker", "build", "-f", "docker/Dockerfile"))
+    assert r.to_dict()["argv"][:2] == ("docker", "build")

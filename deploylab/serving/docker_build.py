@@ -91,6 +91,7 @@ class BuildResult:
     cached_steps: int
     size_bytes: int
     log: Path
+    argv: tuple[str, ...] = ()  # the ``docker build`` command as it ran (the notebook prints it)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "log": str(self.log)}
@@ -145,7 +146,7 @@ def build_image(tag: str, *, build_args: dict[str, str] | None = None, log_path:
         tail = "\n".join(text.splitlines()[-25:])
         raise ContainerError(f"docker build failed ({rc}); full log {log_path}:\n{tail}")
     steps, cached = count_steps(text)
-    return BuildResult(tag, image_id(tag) or "", seconds, steps, cached, image_size(tag), log_path)
+    return BuildResult(tag, image_id(tag) or "", seconds, steps, cached, image_size(tag), log_path, tuple(cmd))
 
 
 
