@@ -306,3 +306,15 @@ def test_channel_multiple_is_the_fp32_vector_width_of_the_cpu():
     assert prune.channel_multiple({"avx2": True, "avx512f": True}) == 16
     assert prune.channel_multiple({"avx2": True, "avx512f": False}) == 8
     assert prune.channel_multiple({}) == 8
+
+
+def test_recalibrate_batchnorm_reestimates_statistics_only():
+    m = models.build("mobilenet_v2").eval()
+    x, _ = data.tensors("train", 64)
+    bn = next(mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d))
+    weights = {k: v.clone() for k, v in m.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    out = prune_scan.recalibrate_batchnorm(m, x, batch_size=32)
+    assert out is m and not m.training
+    assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)) and bn.momentum is None
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in weights.items()), "no weight changes"
