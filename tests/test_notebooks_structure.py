@@ -121,3 +121,74 @@ def test_migration_notes_point_at_headings_that_exist():
         if stem != target or not path.is_file() or heading.strip() not in _headings(_cells(path)):
             missing.append(f"{target}: {heading}")
     assert not missing, f"docs/MIGRATION.md names sections that are not in the notebooks: {missing}"
+
+
+# What a committed output must not show: the author's machine (temporary folders the kit or its libraries
+# make, home and work folders, the virtual environment), raw terminal colour codes, the ONNX exporter's
+# progress lines. Paths inside a container (a Dockerfile's /tmp/wheels, /home/serve) are content, not leaks.
+LEAKS = {
+    "a temporary folder of this machine": re.compile(r"/tmp/(?:tmp|deploylab|ray|pytest|nbval|torchinductor)[\w.-]*"),
+    "a home or work folder of this machine": re.compile(r"/root/|/work/"),
+    "the virtual environment's path": re.compile(r"\.venv/"),
+    "a raw terminal colour code": re.compile(r"\x1b\["),
+    "the ONNX exporter's progress lines": re.compile(r"\[torch\.onnx\]"),
+}
+
+
+def _printed(cell: dict) -> str:
+    """Everything a code cell's committed outputs show as text (streams, text/* data, tracebacks)."""
+    out = []
+    for o in cell.get("outputs", []):
+        for key in ("text", "traceback"):
+            value = o.get(key, "")
+            out.append("".join(value) if isinstance(value, list) else value)
+        for mime, value in o.get("data", {}).items():
+            if mime.startswith("text/"):
+                out.append("".join(value) if isinstance(value, list) else value)
+    return "\n".join(out)
+
+
+def output_leaks(book: dict) -> list[str]:
+    """Each leak in the committed outputs: cell index, what leaked, the line (shortened)."""
+    found = []
+    for i, cell in enumerate(book["cells"]):
+        for line in _printed(cell).splitlines():
+            for what, pattern in LEAKS.items():
+                if pattern.search(line):
+                    found.append(f"cell {i}: {what}: {line[:120]!r}")
+    return found
+
+
+def test_output_leak_check_catches_each_kind_and_passes_container_paths():
+    """The check below can fail: one planted line per kind is caught; a Dockerfile's container paths are not."""
+    planted = ["refused /tmp/deploylab-04-okyj152b/student.onnx", "working folder /tmp/tmpab12cd34",
+               "Ray stopped; processes left under /tmp/ray-dl-wi2qe5sq", "see /root/.cache/x", "/work/main/models",
+               ".venv/lib/python3.11/site-packages/torch", "\x1b[33m(raylet)\x1b[0m died", "[torch.onnx] Run decompositions..."]
+    for line in planted:
+        book = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "stream", "text": [line]}]}]}
+        assert output_leaks(book), line
+    clean = ["COPY docker/wheels/ /tmp/wheels/", "WORKDIR /home/serve/run", "pid /tmp/nginx.pid;"]
+    book = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "stream", "text": "\n".join(clean)}]}]}
+    assert output_leaks(book) == []
+
+
+def test_committed_outputs_show_no_machine_paths_colour_codes_or_exporter_chatter(nb):
+    path, book = nb
+    leaks = output_leaks(book)
+    assert not leaks, f"{path.name}: " + "; ".join(leaks[:5]) + (f" (+{len(leaks) - 5} more)" if len(leaks) > 5 else "")
+
+
+def _banner(book: dict) -> tuple[str, ...]:
+    code = [c for c in book["cells"] if c["cell_type"] == "code"]
+    return tuple(_printed(code[0]).splitlines()[:2]) if code else ()
+
+
+def test_committed_notebooks_are_one_run_on_one_machine():
+    """Issue 34: the outputs readers see come from one `make course` run: one profile, one machine (the banner's lines)."""
+    banners = {p.name: _banner(json.loads(p.read_text())) for p in NOTEBOOKS}
+    banners = {name: b for name, b in banners.items() if b}
+    unnamed = [n for n, b in banners.items() if len(b) < 2 or not b[1].startswith("machine: ")]
+    assert not unnamed, f"committed before the banner named the machine: {unnamed}"
+    kinds = {b: [n for n, x in banners.items() if x == b] for b in set(banners.values())}
+    assert len(kinds) == 1, "committed outputs from more than one run or machine: " + "; ".join(
+        f"{' / '.join(b)}: {', '.join(names)}" for b, names in kinds.items())
