@@ -20,8 +20,12 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# Above this share of the machine's CPU used by other processes, a timing is measured again.
+# Above this share of the machine's CPU used by other processes, a timing is measured again ...
 BUSY_SHARE = 0.15
+# ... provided the other processes took at least this much CPU time in all: /proc/stat counts in clock ticks
+# (10 ms) while os.times counts exactly, so a timing of a fraction of a second differs by a few ticks on a
+# quiet machine (measured: 22-33% "busy" for a 0.1 s timing, 3.5% over the same 0.3 s as a whole).
+MIN_OTHER_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ def busy_elsewhere(before: Snapshot | None, after: Snapshot | None) -> float | N
     if total <= 0:
         return 0.0
     other = (after.machine_busy_s - before.machine_busy_s) - (after.own_s - before.own_s)
+    if other < MIN_OTHER_S:  # within the counters' granularity: nothing measurable ran beside us
+        return 0.0
     return min(1.0, max(0.0, other / total))
 
 

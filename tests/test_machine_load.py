@@ -52,3 +52,12 @@ def test_a_busy_measurement_is_repeated_then_labelled(monkeypatch):
     quiet = iter([0.01])
     monkeypatch.setattr(machine_load, "busy_elsewhere", lambda a, b: next(quiet))
     assert machine_load.measure_quietly(lambda: "ok", say=said.append) == ("ok", 0.01) and len(said) == 2
+
+
+def test_a_short_timing_on_a_quiet_machine_is_not_called_busy():
+    """Ticks against exact CPU time: a 0.1 s timing differs by a few 10 ms ticks, which is no other process."""
+    before = machine_load.Snapshot(machine_busy_s=100.0, machine_total_s=1000.0, own_s=10.0)
+    after = machine_load.Snapshot(machine_busy_s=100.25, machine_total_s=1000.2, own_s=10.2)  # 0.05 s "other"
+    assert machine_load.busy_elsewhere(before, after) == 0.0
+    loaded = machine_load.Snapshot(machine_busy_s=102.2, machine_total_s=1002.0, own_s=11.0)  # 1.2 s of others in 2 s
+    assert machine_load.busy_elsewhere(before, loaded) == pytest.approx(0.6)
