@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -126,9 +127,10 @@ def test_migration_notes_point_at_headings_that_exist():
 # What a committed output must not show: the author's machine (temporary folders the kit or its libraries
 # make, home and work folders, the virtual environment), raw terminal colour codes, the ONNX exporter's
 # progress lines. Paths inside a container (a Dockerfile's /tmp/wheels, /home/serve) are content, not leaks.
+TEMP = tempfile.gettempdir()  # this machine's folders, read from it: no path of the author's machine is written here
 LEAKS = {
-    "a temporary folder of this machine": re.compile(r"/tmp/(?:tmp|deploylab|ray|pytest|nbval|torchinductor)[\w.-]*"),
-    "a home or work folder of this machine": re.compile(r"/root/|/work/"),
+    "a temporary folder of this machine": re.compile(re.escape(TEMP) + r"/(?:tmp|deploylab|ray|pytest|nbval|torchinductor)[\w.-]*"),
+    "a home or repository folder of this machine": re.compile(f"{re.escape(str(Path.home()))}/|{re.escape(str(config.ROOT))}/"),
     "the virtual environment's path": re.compile(r"\.venv/"),
     "a raw terminal colour code": re.compile(r"\x1b\["),
     "the ONNX exporter's progress lines": re.compile(r"\[torch\.onnx\]"),
@@ -161,8 +163,8 @@ def output_leaks(book: dict) -> list[str]:
 
 def test_output_leak_check_catches_each_kind_and_passes_container_paths():
     """The check below can fail: one planted line per kind is caught; a Dockerfile's container paths are not."""
-    planted = ["refused /tmp/deploylab-04-okyj152b/student.onnx", "working folder /tmp/tmpab12cd34",
-               "Ray stopped; processes left under /tmp/ray-dl-wi2qe5sq", "see /root/.cache/x", "/work/main/models",
+    planted = [f"refused {TEMP}/deploylab-04-okyj152b/student.onnx", f"working folder {TEMP}/tmpab12cd34",
+               f"Ray stopped; processes left under {TEMP}/ray-dl-wi2qe5sq", f"see {Path.home()}/.cache/x", f"{config.ROOT}/models",
                ".venv/lib/python3.11/site-packages/torch", "\x1b[33m(raylet)\x1b[0m died", "[torch.onnx] Run decompositions..."]
     for line in planted:
         book = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "stream", "text": [line]}]}]}
