@@ -56,7 +56,9 @@ class ServeSizes:
     fault_seconds: float  # longest load run during which a worker is killed (it ends 1 s after recovery)
     concurrency: tuple[int, ...] = (1, 8, 32)
     batch_size: int = 16  # dynamic batching: up to this many requests per inference call
-    max_batch_delay_ms: int = 10  # ... waiting at most this long to fill a batch
+    # ... waiting at most this long to fill a batch: 5 ms, the max wait of every other batching server of the kit
+    # (07's custom server and LitServe, 08's Ray Serve), so that 05 and 07 compare one batching policy
+    max_batch_delay_ms: int = 5
     workers: int = 2  # Python worker processes per model (1 ONNX Runtime thread each: 2 cores)
     overload_seconds: float = 5.0  # each run of the overload sweep (many clients, a short queue)
     overload_concurrency: tuple[int, ...] = (16, 64, 200)  # clients of the overload sweep
