@@ -90,7 +90,7 @@ def _plain_log_ticks(ax: Any, which: str = "x") -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _number_points(fig: Figure, ax: Any, points: list[tuple[float, float]]) -> None:
+def _number_points(fig: Figure, ax: Any, points: list[tuple[float, float]], colours: list[str] | None = None) -> None:
     """Write each point's number (1, 2, ...) beside it, moved around the point until it overlaps no other number.
 
     Positions are worked out in pixels after the layout is drawn, so a number never sits on a
@@ -110,7 +110,8 @@ def _number_points(fig: Figure, ax: Any, points: list[tuple[float, float]]) -> N
             if not any(box[0] < q[2] and q[0] < box[2] and box[1] < q[3] and q[1] < box[3] for q in placed):
                 break
         placed.append(box)
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, color=f"C{k % 10}",
+        colour = colours[k] if colours else f"C{k % 10}"  # the point's own colour, so number and point pair up
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, color=colour,
                     fontweight="bold")
 
 
@@ -125,25 +126,37 @@ def _mark_front(ax: Any, points: list[tuple[float, float]]) -> None:
 
 def pareto(rows: list[Any], batch_size: int = 1, title: str | None = None) -> Figure:
     """Accuracy (%) against p50 latency at ``batch_size`` for decision rows (:mod:`deploylab.decision`),
-    coloured by kind, the Pareto front ringed and joined."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    colours = {"pytorch": "tab:blue", "onnxruntime": "tab:green", "served": "tab:red"}
+    coloured by kind, the Pareto front ringed and joined.
+
+    Numbered like :func:`accuracy_vs_latency`: each point carries a number and the legend beside the plot
+    names it (front members marked), because two dozen variants at nearly one accuracy made inline
+    names overlap into an unreadable block.
+    """
+    fig, ax = plt.subplots(figsize=(10, 4.8), layout="constrained")
+    colours = {"pytorch": "tab:blue", "onnxruntime": "tab:green", "executorch": "tab:purple", "openvino": "tab:cyan",
+               "aotinductor": "tab:olive", "served": "tab:red"}  # every kind of decision.Row
     pairs = pareto_rows(rows, batch_size)
-    for kind, colour in colours.items():
-        pts = [(r.latency(batch_size), 100 * r.accuracy) for r, _ in pairs if r.kind == kind]
-        if pts:
-            ax.scatter(*zip(*pts), s=40, color=colour, label=kind)
-    for r, on in pairs:
-        ax.annotate(r.variant, (r.latency(batch_size), 100 * r.accuracy), textcoords="offset points", xytext=(5, 4),
-                    fontsize=7, fontweight="bold" if on else "normal")
+    points, handles, names = [], [], []
+    for k, (r, on) in enumerate(pairs):
+        point = (r.latency(batch_size), 100 * r.accuracy)
+        points.append(point)
+        handles.append(ax.scatter(*point, s=40, color=colours.get(r.kind, "tab:gray")))
+        names.append(f"{k + 1}  {r.variant}" + ("  [front]" if on else ""))
+    for kind, colour in colours.items():  # the kind legend: one entry per kind shown
+        if any(r.kind == kind for r, _ in pairs):
+            ax.scatter([], [], s=40, color=colour, label=kind)
     if pairs:
-        _mark_front(ax, [(r.latency(batch_size), 100 * r.accuracy) for r, _ in pairs])
+        _mark_front(ax, points)
     ax.set_xscale("log")
     ax.set_xlabel(f"p50 latency at batch {batch_size} (ms, log scale)" + (" -- served: one request" if batch_size == 1 else ""))
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title or f"accuracy vs latency, batch {batch_size}: the Pareto front", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", alpha=0.1)
+    if handles:
+        fig.legend(handles, names, loc="outside right upper", fontsize=7, frameon=False, handletextpad=0.3)
+    _plain_log_ticks(ax, "x")
+    _number_points(fig, ax, points, colours=[colours.get(r.kind, "tab:gray") for r, _ in pairs])
     return fig
 
 

@@ -39,3 +39,24 @@ def test_status_counters_colour_errors_red_whatever_the_order():
     bars = fig.axes[0].patches
     assert [to_hex(b.get_facecolor()) for b in bars] == [to_hex(c) for c in ("tab:green", "tab:red", "darkred")]
     assert [b.get_height() for b in bars] == [300.0, 12.0, 0.0]
+
+
+def test_pareto_numbers_points_without_overlap_names_them_and_colours_every_kind():
+    from deploylab import decision
+
+    kinds = ("pytorch", "onnxruntime", "executorch", "openvino", "aotinductor", "served")
+    crowded = [(1.2 + 0.05 * i, 0.9045) for i in range(12)] + [(0.17, 0.9045), (0.23, 0.912), (1.9, 0.916), (5.0, 0.86)]
+    rows = [decision.Row(f"variant {i}", kinds[i % len(kinds)], acc, 10_000, ms, None, None, None, "src")
+            for i, (ms, acc) in enumerate(crowded)]
+    fig = plots.pareto(rows, 1)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    numbers = [t for t in ax.texts if t.get_text().isdigit()]
+    assert [t.get_text() for t in numbers] == [str(i + 1) for i in range(len(rows))]
+    boxes = [t.get_window_extent() for t in numbers]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), "numbers overlap"
+    names = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert names[0] == "1  variant 0" and len(names) == len(rows)
+    assert sum(n.endswith("[front]") for n in names) == 3  # 0.17 ms, 0.23 ms and 1.9 ms: none faster and as accurate
+    kind_legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert kind_legend == [*kinds, "Pareto front"]

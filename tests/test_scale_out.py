@@ -6,6 +6,7 @@ crowd of 200 clients within the deadline, and a driver stopped with SIGTERM take
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import shutil
 import signal
@@ -296,3 +297,33 @@ def test_the_driver_prints_no_raylet_message_and_no_colour_code(monkeypatch, cap
     ray._private.worker.print_worker_logs(message, sys.stdout)
     out = capsys.readouterr().out
     assert "A worker died" in out and "\x1b[" not in out  # printed again, without colour codes
+
+
+def _defaults(fn, *names) -> tuple:
+    """The default values of ``fn``'s parameters ``names``."""
+    params = inspect.signature(fn).parameters
+    return tuple(params[n].default for n in names)
+
+
+def test_every_batching_server_uses_the_kits_one_policy():
+    """TorchServe, the custom server, LitServe and Ray Serve default to one batching policy (issue 31: like with like),
+    in every profile's lesson sizes too; a server that drifts from batching_policy fails here."""
+    from deploylab.serving import asgi, batching_policy, server_options, torchserve
+
+    policy = (batching_policy.MAX_BATCH, batching_policy.MAX_WAIT_MS)
+    cfg = torchserve.ModelConfig()
+    seen = {"TorchServe model config": (cfg.batch_size, cfg.max_batch_delay_ms)}
+    for name, table, fields in (("05", torchserve.SIZES, ("batch_size", "max_batch_delay_ms")),
+                                ("07", asgi.SIZES, ("max_batch", "max_wait_ms")),
+                                ("08", ray_serve.SIZES, ("max_batch", "max_wait_ms"))):
+        for profile, sizes in table.items():
+            seen[f"lesson {name} {profile}"] = tuple(getattr(sizes, f) for f in fields)
+    for fn in (asgi.MicroBatcher.__init__, asgi.create_app, asgi.AsgiServer.__init__,
+               litserve_app.StudentAPI.__init__, litserve_app.LitServeServer.__init__):
+        seen[fn.__qualname__] = _defaults(fn, "max_batch", "max_wait_ms")
+    args = server_options.server_arguments("test").parse_args(["--model", "m.onnx", "--port", "1", "--key-file", "k"])
+    seen["server command line"] = (args.max_batch, args.max_wait_ms)
+    infer = ray_serve.Classifier.infer  # the @serve.batch wrapper keeps its settings
+    seen["Ray Serve @serve.batch"] = (infer._get_max_batch_size(), infer._get_batch_wait_timeout_s() * 1000)
+    drifted = {k: v for k, v in seen.items() if (v[0], pytest.approx(v[1])) != policy}
+    assert not drifted, f"batching policy {policy} (max batch, max wait ms) not followed by {drifted}"

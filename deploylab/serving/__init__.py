@@ -7,6 +7,7 @@ What every server shares:
 - :mod:`~deploylab.serving.processes` -- starting a server process and stopping it leaving nothing
   behind, one exit registry for a notebook kernel that goes away;
 - :mod:`~deploylab.serving.api` -- the authenticated HTTP client and the Prometheus metrics parser;
+- :mod:`~deploylab.serving.batching_policy` -- the one batching policy of every server that batches;
 - :mod:`~deploylab.serving.load` and :mod:`~deploylab.serving.corpus` -- load runs, a worker killed
   under load, served parity, and the corpus of bad requests.
 

@@ -56,6 +56,7 @@ from .. import config
 from ..files import atomic_write_json
 from . import metrics, predictor, protocol, serverless
 from .api import Client
+from .batching_policy import MAX_BATCH, MAX_WAIT_MS
 from .header_timeout import DEFAULT_HTTP, HEADER_TIMEOUT_S, HTTP_PARSERS, header_timeout_protocol
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
 from .processes import ServeError, ServerProcess, free_ports
@@ -72,8 +73,8 @@ class LessonSizes:
     load_seconds: float  # a load run stops after this long even if requests remain
     cold_repeats: int  # fresh processes for the serverless cold start
     concurrency: tuple[int, ...] = (1, 8, 32)
-    max_batch: int = 16  # micro-batching of the custom server, and TorchServe's batchSize
-    max_wait_ms: float = 5.0
+    max_batch: int = MAX_BATCH  # micro-batching of the custom server, and TorchServe's batchSize (batching_policy)
+    max_wait_ms: float = float(MAX_WAIT_MS)
     workers: int = 2  # TorchServe's Python workers (1 ONNX Runtime thread each), and the custom server's processes
     rounds: int = 3  # interleaved rounds of the custom-server-vs-TorchServe comparison (odd: the median is a run)
 
@@ -114,7 +115,7 @@ class MicroBatcher:
     batch is usually full without any waiting.
     """
 
-    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *, max_batch: int = 16, max_wait_ms: float = 5.0,
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *, max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS,
                  max_queue: int = MAX_QUEUE):
         if max_batch < 1 or max_wait_ms < 0 or max_queue < 1:
             raise ValueError(f"need max_batch >= 1, max_wait_ms >= 0 and max_queue >= 1, got {max_batch}, {max_wait_ms}, {max_queue}")
@@ -194,7 +195,7 @@ class MicroBatcher:
 
 
 def create_app(model_path: str | os.PathLike, *, key: str, mode: str = "batch", model_name: str = "student", runtime: str | None = None,
-               max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, top_k: int = 3,
+               max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS, threads: int = 1, top_k: int = 3,
                max_request_bytes: int = MAX_REQUEST_BYTES, body_timeout_s: float = BODY_TIMEOUT_S,
                stats_dir: str | os.PathLike | None = None, prometheus: bool = False) -> Callable:
     """The Starlette app (see the module docstring). ``key`` is the bearer token every request must carry.
@@ -352,7 +353,7 @@ class AsgiServer:
     """The app of this module as a subprocess in its own process group (a context manager)."""
 
     def __init__(self, model_path: str | os.PathLike, *, mode: str = "batch", model_name: str = "student", runtime: str | None = None,
-                 max_batch: int = 16, max_wait_ms: float = 5.0, threads: int = 1, processes: int = 1,
+                 max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS, threads: int = 1, processes: int = 1,
                  workdir: str | os.PathLike | None = None, start_timeout_s: float = 60.0,
                  body_timeout_s: float = BODY_TIMEOUT_S, header_timeout_s: float = HEADER_TIMEOUT_S, metrics: bool = False,
                  http: str = DEFAULT_HTTP):

@@ -33,6 +33,7 @@ import numpy as np
 
 from . import protocol
 from .asgi import LOOPBACK, MAX_QUEUE, RETRY_AFTER_S, AsgiServer, server_arguments, write_key_file
+from .batching_policy import MAX_BATCH, MAX_WAIT_MS
 from .header_timeout import KEEP_ALIVE_S, header_timeout_protocol
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_body, expected_header, read_chunks
 from .processes import forget_at_exit, port_in_use, stop_at_exit
@@ -192,9 +193,9 @@ class LitServeServer(AsgiServer):
     under the workdir, which :meth:`stop` removes.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, runtime: str | None = None, max_batch: int = 16, max_wait_ms: float = 5.0,
-                 workers: int = 1, workdir: str | os.PathLike | None = None, start_timeout_s: float = 90.0,
-                 keep_alive_s: int = KEEP_ALIVE_S):
+    def __init__(self, model_path: str | os.PathLike, *, runtime: str | None = None, max_batch: int = MAX_BATCH,
+                 max_wait_ms: float = MAX_WAIT_MS, workers: int = 1, workdir: str | os.PathLike | None = None,
+                 start_timeout_s: float = 90.0, keep_alive_s: int = KEEP_ALIVE_S):
         super().__init__(model_path, runtime=runtime, max_batch=max_batch, max_wait_ms=max_wait_ms, workdir=workdir,
                          start_timeout_s=start_timeout_s)
         self.workers, self.keep_alive_s = workers, keep_alive_s

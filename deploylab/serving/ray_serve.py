@@ -42,6 +42,7 @@ from starlette.responses import JSONResponse, Response
 from .. import config
 from . import header_timeout, protocol
 from .api import Client
+from .batching_policy import MAX_BATCH, MAX_WAIT_MS
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
 from .load import LoadResult, kill_under_load
 from .processes import ServeError, forget_at_exit, free_ports, port_in_use, stop_at_exit
@@ -84,8 +85,8 @@ class ScaleOutSizes:
     crowd_seconds: float  # how long 200 connections hammer one replica (each request has CROWD_DEADLINE_S)
     concurrency: tuple[int, ...] = (1, 8, 32)
     max_replicas: int = 3  # the autoscaling maximum (0.5 CPU each: 3 fit on 2 cores with the proxy)
-    max_batch: int = 16  # @serve.batch, LitServe's max_batch_size and the custom server's micro-batch
-    max_wait_ms: float = 5.0
+    max_batch: int = MAX_BATCH  # @serve.batch, LitServe's max_batch_size and the custom server's micro-batch
+    max_wait_ms: float = float(MAX_WAIT_MS)  # (batching_policy: the kit's one policy)
 
 
 SIZES: dict[str, ScaleOutSizes] = {

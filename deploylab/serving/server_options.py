@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 
+from .batching_policy import MAX_BATCH, MAX_WAIT_MS
 from .header_timeout import DEFAULT_HTTP, HEADER_TIMEOUT_S, HTTP_PARSERS, KEEP_ALIVE_S
 from .http_input import BODY_TIMEOUT_S
 from .predictor import RUNTIMES
@@ -55,8 +56,8 @@ def server_arguments(description: str) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1", help="loopback only: put a TLS proxy in front to publish it")
     p.add_argument("--key-file", required=True, help="where to write the generated bearer key (0600)")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH)
+    p.add_argument("--max-wait-ms", type=float, default=float(MAX_WAIT_MS))
     p.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S, help="a request body must arrive within this (408)")
     p.add_argument("--header-timeout-s", type=float, default=HEADER_TIMEOUT_S,
                    help="a request's headers must arrive within this, else the connection is closed")

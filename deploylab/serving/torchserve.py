@@ -38,6 +38,7 @@ from .. import config, data
 from ..config import Profile
 from ..files import atomic_path
 from .api import Client
+from .batching_policy import MAX_BATCH, MAX_WAIT_MS
 from .processes import ServeError, ServerProcess, free_ports
 from .protocol import LIMITS
 
@@ -55,10 +56,8 @@ class ServeSizes:
     load_seconds: float  # a load run stops after this long even if requests remain
     fault_seconds: float  # longest load run during which a worker is killed (it ends 1 s after recovery)
     concurrency: tuple[int, ...] = (1, 8, 32)
-    batch_size: int = 16  # dynamic batching: up to this many requests per inference call
-    # ... waiting at most this long to fill a batch: 5 ms, the max wait of every other batching server of the kit
-    # (07's custom server and LitServe, 08's Ray Serve), so that 05 and 07 compare one batching policy
-    max_batch_delay_ms: int = 5
+    batch_size: int = MAX_BATCH  # dynamic batching: up to this many requests per inference call ...
+    max_batch_delay_ms: int = MAX_WAIT_MS  # ... waiting at most this long: the kit's one policy (batching_policy)
     workers: int = 2  # Python worker processes per model (1 ONNX Runtime thread each: 2 cores)
     overload_seconds: float = 5.0  # each run of the overload sweep (many clients, a short queue)
     overload_concurrency: tuple[int, ...] = (16, 64, 200)  # clients of the overload sweep
@@ -134,8 +133,8 @@ class ModelConfig:
     """What goes into the archive's model-config.yaml (TorchServe reads the top-level keys;
     the ``handler`` section is read by our handler)."""
 
-    batch_size: int = 16
-    max_batch_delay_ms: int = 10
+    batch_size: int = MAX_BATCH  # the kit's one batching policy (batching_policy), as every server that batches
+    max_batch_delay_ms: int = MAX_WAIT_MS
     min_workers: int = 2
     max_workers: int = 2
     response_timeout_s: int = 30
