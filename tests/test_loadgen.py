@@ -4,7 +4,9 @@ intended send time, its own CPU per request far below the server's, transport er
 from __future__ import annotations
 
 import os
+import time
 
+import numpy as np
 import pytest
 
 from deploylab import data
@@ -128,3 +130,35 @@ def test_server_search_stops_at_its_resolution_and_reports_its_bracket(monkeypat
     assert len(search.trials) <= 2 + 7  # log2(ln 24 / ln 1.05) = 6.02 bisections, not all 20
     coarse = scenarios.server_capacity("127.0.0.1", 1, [b""], slo_ms=50, low=100, high=2400, seconds=1, steps=2)
     assert coarse.bracket[1] > coarse.bracket[0] * 1.5  # two steps leave a wide bracket, and it says so
+
+
+def test_an_idle_connection_the_server_closes_is_not_a_failed_request(onnx_path):
+    """A server closes a kept-alive connection after its idle timeout, as HTTP allows. The generator drops it and
+    opens a new one for the next request: no transport error, every request answered (it once counted the close
+    as a failed request, which zeroed a Server-scenario capacity)."""
+    rate, count, seed = 1.0, 5, 10
+    gaps = np.diff(loadgen.poisson_schedule(rate, count, seed))
+    assert (gaps > 1.5).sum() >= 2, gaps  # idle gaps longer than the server's 1 s keep-alive
+    with asgi.AsgiServer(onnx_path, mode="batch", keep_alive_s=1) as s:
+        images, _ = data.raw_split("test", 4)
+        requests = loadgen.build_requests("127.0.0.1", s.port, "/predictions/student",
+                                          [protocol.png_bytes(im) for im in images], token=s.key())
+        r = loadgen.open_loop("127.0.0.1", s.port, requests, rate=rate, count=count, seed=seed, progress=False)
+    assert r.statuses == {200: count} and not r.transport_errors, r.summary()
+
+
+def test_an_idle_connection_past_its_expiry_is_not_reused(server, requests, monkeypatch):
+    run = loadgen._Run("127.0.0.1", server.port, requests, 4, 5.0, 0, False)
+    first = run.connection()
+    run.send(first, 0, time.perf_counter())
+    deadline = time.perf_counter() + 5
+    while not run.idle and time.perf_counter() < deadline:
+        run.idle.extend(run.read(0.05))
+    assert run.idle == [first] and run.statuses == {200: 1}
+    assert run.connection() is first  # fresh: reused
+    run.idle.append(first)
+    monkeypatch.setattr(loadgen, "IDLE_EXPIRY_S", 0.0)
+    time.sleep(0.01)
+    second = run.connection()
+    assert second is not first and run.open == 1 and first.sock.fileno() == -1  # the stale one closed, a new one opened
+    run.finish("closed", None, run.started, 0.0, ())

@@ -57,7 +57,7 @@ from ..files import atomic_write_json
 from . import metrics, predictor, protocol, serverless
 from .api import Client
 from .batching_policy import MAX_BATCH, MAX_WAIT_MS
-from .header_timeout import DEFAULT_HTTP, HEADER_TIMEOUT_S, HTTP_PARSERS, header_timeout_protocol
+from .header_timeout import DEFAULT_HTTP, HEADER_TIMEOUT_S, HTTP_PARSERS, KEEP_ALIVE_S, header_timeout_protocol
 from .http_input import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, UNAUTHORIZED, authorized, error_response, expected_header, read_body
 from .processes import ServeError, ServerProcess, free_ports
 from .protocol import BadRequest
@@ -356,7 +356,7 @@ class AsgiServer:
                  max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS, threads: int = 1, processes: int = 1,
                  workdir: str | os.PathLike | None = None, start_timeout_s: float = 60.0,
                  body_timeout_s: float = BODY_TIMEOUT_S, header_timeout_s: float = HEADER_TIMEOUT_S, metrics: bool = False,
-                 http: str = DEFAULT_HTTP):
+                 http: str = DEFAULT_HTTP, keep_alive_s: int = KEEP_ALIVE_S):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if processes < 1 or http not in HTTP_PARSERS:
@@ -370,6 +370,7 @@ class AsgiServer:
         self.max_batch, self.max_wait_ms, self.threads = max_batch, max_wait_ms, threads
         self.body_timeout_s, self.header_timeout_s, self.metrics = body_timeout_s, header_timeout_s, metrics
         self.http = http  # uvicorn's HTTP parser (header_timeout.HTTP_PARSERS), with the header deadline either way
+        self.keep_alive_s = keep_alive_s  # an idle kept-alive connection is closed after this (header_timeout.KEEP_ALIVE_S)
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"deploylab-asgi-{mode}-"))
         self.start_timeout_s = start_timeout_s
         self.port: int | None = None
@@ -403,7 +404,7 @@ class AsgiServer:
                 "--key-file", str(self.key_file), "--mode", self.mode, "--model-name", self.model_name,
                 "--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms), "--threads", str(self.threads),
                 "--body-timeout-s", str(self.body_timeout_s), "--header-timeout-s", str(self.header_timeout_s), "--http", self.http,
-                "--processes", str(self.processes_count), "--stats-dir", str(self.stats_dir),
+                "--processes", str(self.processes_count), "--stats-dir", str(self.stats_dir), "--keep-alive-s", str(self.keep_alive_s),
                 *self.runtime_args()] + ["--metrics"] * self.metrics
 
     def runtime_args(self) -> list[str]:

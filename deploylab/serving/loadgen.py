@@ -43,6 +43,13 @@ from tqdm.auto import tqdm
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 PERCENTILES = (50, 90, 99, 99.9)
+# An idle connection is reused for at most this long, then closed and a new one opened (httpx's default
+# ``keepalive_expiry``): far below the servers' idle timeout (header_timeout.KEEP_ALIVE_S, 75 s), so the
+# generator never sends on a connection the server is closing. And a server's close of an idle connection is
+# not a failed request: counted as one, it zeroed LitServe's Server capacity in a full run of lesson 07 (a
+# 142 s trial at 21/s, every one of its 3,000 requests answered 200, one "non-200": a connection of the
+# generator's pool left idle past the server's 75 s).
+IDLE_EXPIRY_S = 5.0
 
 
 def build_requests(host: str, port: int, path: str, bodies: Sequence[bytes], *, token: str | None = None,
@@ -117,12 +124,14 @@ def poisson_schedule(rate: float, count: int, seed: int = 0) -> np.ndarray:
 
 
 class _Connection:
-    """One keep-alive connection: the request in flight (its index and intended time) and the bytes read so far."""
+    """One keep-alive connection: the request in flight (its index and intended time), the bytes read so far,
+    and since when it has been idle."""
 
-    __slots__ = ("sock", "index", "intended", "buffer")
+    __slots__ = ("sock", "index", "intended", "buffer", "idle_since")
 
     def __init__(self, sock: socket.socket):
         self.sock, self.index, self.intended, self.buffer = sock, -1, 0.0, b""
+        self.idle_since = time.perf_counter()
 
 
 def _response_length(buffer: bytes) -> tuple[int, int, bool] | None:
@@ -182,9 +191,18 @@ class _Run:
 
     def connection(self) -> _Connection | None:
         """An idle connection, a new one if fewer than the maximum are open, else None (raises OSError
-        when a new one cannot connect)."""
-        if self.idle:
-            return self.idle.pop()
+        when a new one cannot connect).
+
+        An idle connection older than :data:`IDLE_EXPIRY_S` is closed instead of reused, as a pooling client
+        does (httpx's ``keepalive_expiry``): the servers close theirs after ``header_timeout.KEEP_ALIVE_S``, and
+        a request sent on a connection the server is closing fails through no fault of the server.
+        """
+        now = time.perf_counter()
+        while self.idle:
+            conn = self.idle.pop()  # the most recently used: the others may go stale at a low rate
+            if now - conn.idle_since <= IDLE_EXPIRY_S:
+                return conn
+            self.close(conn)
         if self.open >= self.max_connections:
             return None
         sock = socket.create_connection(self.addr, timeout=self.timeout_s)
@@ -224,6 +242,12 @@ class _Run:
         self.bar.update(1)
         self.close(conn)
 
+    def retire(self, conn: _Connection) -> None:
+        """Close an idle connection the server has closed (not an error: no request was on it)."""
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+        self.close(conn)
+
     def close(self, conn: _Connection) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(conn.sock)
@@ -238,10 +262,16 @@ class _Run:
             try:
                 chunk = conn.sock.recv(262144)
             except OSError as e:
-                self.fail(conn, type(e).__name__)
+                if conn.index < 0:  # reset while idle: no request lost
+                    self.retire(conn)
+                else:
+                    self.fail(conn, type(e).__name__)
                 continue
             if not chunk:
-                self.fail(conn, "closed by the server")
+                if conn.index < 0:  # no request in flight: the server closed an idle kept-alive connection, as HTTP allows
+                    self.retire(conn)
+                else:
+                    self.fail(conn, "closed by the server")
                 continue
             conn.buffer += chunk
             parsed = _response_length(conn.buffer)
@@ -253,7 +283,7 @@ class _Run:
             if self.record:
                 self.keep(conn, status, total)
             self.bar.update(1)
-            conn.index = -1
+            conn.index, conn.idle_since = -1, time.perf_counter()
             if closes:
                 self.close(conn)
             else:
