@@ -136,12 +136,10 @@ def pareto(rows: list[Any], batch_size: int = 1, title: str | None = None) -> Fi
     colours = {"pytorch": "tab:blue", "onnxruntime": "tab:green", "executorch": "tab:purple", "openvino": "tab:cyan",
                "aotinductor": "tab:olive", "served": "tab:red"}  # every kind of decision.Row
     pairs = pareto_rows(rows, batch_size)
-    points, handles, names = [], [], []
-    for k, (r, on) in enumerate(pairs):
-        point = (r.latency(batch_size), 100 * r.accuracy)
-        points.append(point)
-        handles.append(ax.scatter(*point, s=40, color=colours.get(r.kind, "tab:gray")))
-        names.append(f"{k + 1}  {r.variant}" + ("  [front]" if on else ""))
+    points = [(r.latency(batch_size), 100 * r.accuracy) for r, _ in pairs]
+    point_colours = [colours.get(r.kind, "tab:gray") for r, _ in pairs]
+    handles = [ax.scatter(*point, s=40, color=colour) for point, colour in zip(points, point_colours)]
+    names = [f"{k + 1}  {r.variant}" + ("  [front]" if on else "") for k, (r, on) in enumerate(pairs)]
     for kind, colour in colours.items():  # the kind legend: one entry per kind shown
         if any(r.kind == kind for r, _ in pairs):
             ax.scatter([], [], s=40, color=colour, label=kind)
@@ -156,7 +154,7 @@ def pareto(rows: list[Any], batch_size: int = 1, title: str | None = None) -> Fi
     if handles:
         fig.legend(handles, names, loc="outside right upper", fontsize=7, frameon=False, handletextpad=0.3)
     _plain_log_ticks(ax, "x")
-    _number_points(fig, ax, points, colours=[colours.get(r.kind, "tab:gray") for r, _ in pairs])
+    _number_points(fig, ax, points, colours=point_colours)
     return fig
 
 

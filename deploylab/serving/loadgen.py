@@ -236,8 +236,13 @@ class _Run:
             return False
 
     def fail(self, conn: _Connection, why: str) -> None:
+        """A connection broke: a transport error if a request was on it; an idle one (no request in flight) the
+        server may close, as HTTP allows, so it is only dropped from the pool."""
+        if conn.index < 0:
+            self.retire(conn)
+            return
         self.errors[why] += 1
-        if self.record and conn.index >= 0:
+        if self.record:
             self.timeline.append((conn.intended - self.started, 0))
         self.bar.update(1)
         self.close(conn)
@@ -262,28 +267,23 @@ class _Run:
             try:
                 chunk = conn.sock.recv(262144)
             except OSError as e:
-                if conn.index < 0:  # reset while idle: no request lost
-                    self.retire(conn)
-                else:
-                    self.fail(conn, type(e).__name__)
+                self.fail(conn, type(e).__name__)
                 continue
             if not chunk:
-                if conn.index < 0:  # no request in flight: the server closed an idle kept-alive connection, as HTTP allows
-                    self.retire(conn)
-                else:
-                    self.fail(conn, "closed by the server")
+                self.fail(conn, "closed by the server")
                 continue
             conn.buffer += chunk
             parsed = _response_length(conn.buffer)
             if parsed is None:
                 continue
             status, total, closes = parsed
-            self.latencies.append(time.perf_counter() - conn.intended)
+            now = time.perf_counter()
+            self.latencies.append(now - conn.intended)
             self.statuses[status] += 1
             if self.record:
                 self.keep(conn, status, total)
             self.bar.update(1)
-            conn.index, conn.idle_since = -1, time.perf_counter()
+            conn.index, conn.idle_since = -1, now
             if closes:
                 self.close(conn)
             else:
